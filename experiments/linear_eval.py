@@ -1,0 +1,74 @@
+"""Trains and evaluates a classifier on a frozen, pretrained encoder.
+
+    python -m experiments.linear_eval --model_dir=/tmp/run1
+
+The encoder and data settings come from `model_dir/config.json`, written by
+`experiments.pretrain`; results go to `--eval_dir`.
+"""
+
+import os
+
+from absl import flags
+
+from experiments import flags as job_flags
+from supcon_tf.training import jobs
+
+FLAGS = flags.FLAGS
+
+job_flags.define(
+    flags.DEFINE_string,
+    "model_dir",
+    None,
+    "Directory of a run of experiments.pretrain.",
+)
+flags.mark_flag_as_required("model_dir")
+job_flags.define(
+    flags.DEFINE_string,
+    "eval_dir",
+    None,
+    "Where the probe's checkpoints, events and results.json go; "
+    "default MODEL_DIR/linear_eval.",
+)
+job_flags.define(
+    flags.DEFINE_enum,
+    "strategy",
+    None,
+    ["default", "one_device", "mirrored", "multi_worker"],
+    "Override the pretraining run's strategy.",
+)
+job_flags.define(
+    flags.DEFINE_integer,
+    "cpu_replicas",
+    None,
+    "Override the pretraining run's logical CPU replicas.",
+)
+job_flags.define(
+    flags.DEFINE_integer,
+    "global_batch_size",
+    None,
+    "Override the pretraining run's global batch size.",
+)
+job_flags.define_probe_flags()
+
+
+def linear_eval() -> None:
+    overrides = {
+        name: FLAGS[name].value
+        for name in ("strategy", "cpu_replicas", "global_batch_size")
+        if FLAGS[name].value is not None
+    }
+    if "strategy" in overrides and "cpu_replicas" not in overrides:
+        overrides["cpu_replicas"] = 1
+    eval_dir = FLAGS.eval_dir or os.path.join(FLAGS.model_dir, "linear_eval")
+    results = jobs.run_linear_eval(
+        FLAGS.model_dir,
+        job_flags.probe_config(),
+        output_dir=eval_dir,
+        run_overrides=overrides,
+        flag_values=job_flags.flag_values(),
+    )
+    print(f"test_accuracy {results['test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    job_flags.run(linear_eval)

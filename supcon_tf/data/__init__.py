@@ -1,0 +1,1 @@
+"""Data sets, augmentation and tf.data input pipelines for SupCon training."""

@@ -1,0 +1,280 @@
+"""The entry points end to end, as a user runs them, in subprocesses."""
+
+import glob
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = [
+    "--encoder=small_cnn",
+    "--global_batch_size=8",
+    "--pretrain_epochs=2",
+    "--eval_epochs=1",
+    "--steps_per_loop=2",
+]
+
+
+def _write_cifar10_batches(root):
+    """Writes a tiny CIFAR-10 python-batch folder in the original layout.
+
+    Five training batches of 40 images and a test batch of 120, whose
+    brightness depends on the class so that the task is learnable.
+    """
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    names = [f"class{i}".encode() for i in range(10)]
+    with open(os.path.join(folder, "batches.meta"), "wb") as stream:
+        pickle.dump({b"label_names": names}, stream, protocol=2)
+    batches = [(f"data_batch_{i}", 40) for i in range(1, 6)]
+    for name, count in batches + [("test_batch", 120)]:
+        labels = [i % 10 for i in range(count)]
+        data = rng.integers(0, 40, (count, 3072), dtype=np.uint8)
+        data += (np.array(labels, dtype=np.uint8) * 20)[:, None]
+        with open(os.path.join(folder, name), "wb") as stream:
+            pickle.dump({b"data": data, b"labels": labels}, stream, protocol=2)
+    return folder
+
+
+def _run(module, *args, env=None, check=True):
+    command = [sys.executable, "-m", f"experiments.{module}", *args]
+    process = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+    )
+    if check and process.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {process.returncode}:\n"
+            f"{process.stderr[-4000:]}"
+        )
+    return process
+
+
+def _scalars(log_dir):
+    accumulator = event_accumulator.EventAccumulator(
+        log_dir, size_guidance={event_accumulator.TENSORS: 0}
+    )
+    accumulator.Reload()
+    tags = accumulator.Tags()["tensors"] + accumulator.Tags()["scalars"]
+    return accumulator, set(tags)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return _write_cifar10_batches(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(cifar_dir, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    process = _run(
+        "pretrain",
+        f"--data_dir={cifar_dir}",
+        f"--model_dir={model_dir}",
+        "--strategy=mirrored",
+        "--cpu_replicas=2",
+        *QUICK,
+    )
+    return model_dir, process
+
+
+def test_pretrain_writes_results(pretrain_run):
+    model_dir, process = pretrain_run
+    with open(os.path.join(model_dir, "results.json")) as stream:
+        results = json.load(stream)
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["test_examples"] == 120
+    assert results["pretrain_steps"] == 2 * (200 // 8)
+    assert results["pretrain_examples_per_second"] > 0
+    assert results["flags"]["cpu_replicas"] == 2
+    assert results["flags"]["encoder"] == "small_cnn"
+    assert results["config"]["model"]["sync_batchnorm"] is True
+    assert results["versions"]["tensorflow"]
+    printed = f"test_accuracy {results['test_accuracy']:.4f}"
+    assert printed in process.stdout
+
+
+def test_pretrain_writes_event_files(pretrain_run):
+    model_dir, _ = pretrain_run
+    train, train_tags = _scalars(os.path.join(model_dir, "train"))
+    _, eval_tags = _scalars(os.path.join(model_dir, "eval"))
+    for tag in [
+        "loss/supcon",
+        "lr",
+        "perf/examples_per_sec",
+        "perf/steps_per_sec",
+        "loss/probe",
+    ]:
+        assert tag in train_tags
+    assert {"eval/top1", "eval/top5"} <= eval_tags
+    steps = [event.step for event in train.Tensors("loss/supcon")]
+    # One event per tf.function call of 2 steps; a call never crosses the
+    # end of an epoch (25 steps).
+    expected = list(range(2, 25, 2)) + [25] + list(range(27, 50, 2)) + [50]
+    assert steps == expected
+
+
+def test_pretrain_writes_checkpoints(pretrain_run):
+    model_dir, _ = pretrain_run
+    pretrain = glob.glob(
+        os.path.join(model_dir, "checkpoints", "pretrain", "ckpt-*.index")
+    )
+    probe = glob.glob(
+        os.path.join(model_dir, "checkpoints", "probe", "ckpt-*.index")
+    )
+    assert sorted(os.path.basename(p) for p in pretrain) == [
+        "ckpt-25.index",
+        "ckpt-50.index",
+    ]
+    assert [os.path.basename(p) for p in probe] == ["ckpt-25.index"]
+
+
+def test_rerun_resumes_instead_of_retraining(pretrain_run, cifar_dir):
+    model_dir, _ = pretrain_run
+    with open(os.path.join(model_dir, "results.json")) as stream:
+        first = json.load(stream)
+    process = _run(
+        "pretrain",
+        f"--data_dir={cifar_dir}",
+        f"--model_dir={model_dir}",
+        "--strategy=mirrored",
+        "--cpu_replicas=2",
+        *QUICK,
+        "--pretrain_epochs=3",
+    )
+    with open(os.path.join(model_dir, "results.json")) as stream:
+        second = json.load(stream)
+    assert "Restored checkpoint" in process.stderr
+    assert "pretrain: step 52/75" in process.stderr
+    assert "pretrain: step 2/75" not in process.stderr
+    assert second["pretrain_steps"] == 75
+    # The probe finished in the first run, so it only re-evaluates.
+    assert "probe: already at step 25 of 25" in process.stderr
+    assert second["test_examples"] == first["test_examples"]
+
+
+def test_linear_eval_reuses_pretraining(pretrain_run):
+    model_dir, _ = pretrain_run
+    _run(
+        "linear_eval",
+        f"--model_dir={model_dir}",
+        "--eval_epochs=1",
+        "--eval_head=linear",
+    )
+    with open(os.path.join(model_dir, "linear_eval", "results.json")) as f:
+        results = json.load(f)
+    assert results["job"] == "linear_eval"
+    assert results["pretrain_checkpoint"].endswith("ckpt-50") or results[
+        "pretrain_checkpoint"
+    ].endswith("ckpt-75")
+    assert results["test_examples"] == 120
+    assert results["probe_config"]["head"] == "linear"
+
+
+def test_baseline_trains_end_to_end(cifar_dir, tmp_path):
+    _run(
+        "baseline",
+        f"--data_dir={cifar_dir}",
+        f"--model_dir={tmp_path}",
+        "--encoder=small_cnn",
+        "--global_batch_size=8",
+        "--epochs=1",
+    )
+    with open(tmp_path / "results.json") as stream:
+        results = json.load(stream)
+    assert results["job"] == "baseline"
+    assert results["baseline_steps"] == 25
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "--global_batch_size=9",
+                "--strategy=mirrored",
+                "--cpu_replicas=2",
+            ],
+            "use 8 or 10",
+        ),
+        (["--loss=npairs"], "set --views=1"),
+        (["--temperature=0"], "--temperature=0.0 is invalid"),
+        (["--dataset=folder"], "--data_dir"),
+    ],
+)
+def test_bad_flags_exit_cleanly(cifar_dir, tmp_path, args, message):
+    data_dir = [] if "--dataset=folder" in args else [f"--data_dir={cifar_dir}"]
+    process = _run(
+        "pretrain",
+        f"--model_dir={tmp_path}",
+        *data_dir,
+        *QUICK,
+        *args,
+        check=False,
+    )
+    assert process.returncode == 2
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_resume_with_other_encoder_is_rejected(pretrain_run, cifar_dir):
+    model_dir, _ = pretrain_run
+    process = _run(
+        "pretrain",
+        f"--data_dir={cifar_dir}",
+        f"--model_dir={model_dir}",
+        *QUICK,
+        "--encoder=resnet18_cifar",
+        check=False,
+    )
+    assert process.returncode == 2
+    assert "contains a run with model=" in process.stderr
+    assert "Traceback" not in process.stderr
+    assert glob.glob(
+        os.path.join(model_dir, "checkpoints", "pretrain", "ckpt-*.index")
+    )
+
+
+@pytest.mark.slow
+def test_real_cifar10_jpegs(tmp_path):
+    data_dir = os.environ.get("SUPCON_CIFAR10_DIR")
+    if not data_dir:
+        pytest.skip(
+            "SUPCON_CIFAR10_DIR is not set; .ci/run sets it to the "
+            "unpacked CIFAR-10 JPEG archive"
+        )
+    _run(
+        "pretrain",
+        "--dataset=folder",
+        f"--data_dir={data_dir}",
+        f"--model_dir={tmp_path}",
+        "--encoder=small_cnn",
+        "--max_train_examples=2000",
+        "--max_test_examples=1000",
+        "--global_batch_size=100",
+        "--pretrain_epochs=2",
+        "--eval_epochs=3",
+        "--eval_head=linear",
+        "--eval_augment=none",
+        "--eval_learning_rate=0.01",
+        "--steps_per_loop=5",
+        "--strategy=mirrored",
+        "--cpu_replicas=2",
+    )
+    with open(tmp_path / "results.json") as stream:
+        results = json.load(stream)
+    assert results["test_examples"] == 1000
+    # Ten balanced classes: chance is 0.10.
+    assert results["test_accuracy"] > 0.15
