@@ -164,6 +164,12 @@ def define_run_flags(*, model_dir_required: bool = True) -> None:
         "All-reduce implementation for --strategy=mirrored.",
     )
     define(
+        flags.DEFINE_string,
+        "tpu",
+        None,
+        "TPU name or grpc:// address for --strategy=tpu; empty on a TPU VM.",
+    )
+    define(
         flags.DEFINE_integer,
         "global_batch_size",
         265,
@@ -175,6 +181,14 @@ def define_run_flags(*, model_dir_required: bool = True) -> None:
         "seed",
         0,
         "Seed for initialisation, data order and augmentation.",
+    )
+    define(
+        flags.DEFINE_bool,
+        "deterministic",
+        False,
+        "Use TensorFlow's deterministic op implementations (slower), so "
+        "runs repeat exactly on GPUs too. CPU runs with one --seed repeat "
+        "without it in our tests.",
     )
     define(
         flags.DEFINE_integer,
@@ -278,8 +292,10 @@ def run_config() -> config_lib.RunConfig:
         strategy=FLAGS.strategy,
         cpu_replicas=FLAGS.cpu_replicas,
         cross_device_ops=FLAGS.cross_device_ops,
+        tpu=FLAGS.tpu,
         global_batch_size=FLAGS.global_batch_size,
         seed=FLAGS.seed,
+        deterministic=FLAGS.deterministic,
         steps_per_loop=_positive("steps_per_loop"),
         checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=_positive("keep_checkpoints"),

@@ -11,6 +11,7 @@ import os
 from absl import flags
 
 from experiments import flags as job_flags
+from supcon_tf import distribute
 from supcon_tf.training import jobs
 
 FLAGS = flags.FLAGS
@@ -33,7 +34,7 @@ job_flags.define(
     flags.DEFINE_enum,
     "strategy",
     None,
-    ["default", "one_device", "mirrored", "multi_worker"],
+    list(distribute.STRATEGIES),
     "Override the pretraining run's strategy.",
 )
 job_flags.define(

@@ -73,8 +73,10 @@ class RunConfig:
     strategy: str = "default"
     cpu_replicas: int = 1
     cross_device_ops: str | None = None
+    tpu: str | None = None
     global_batch_size: int = 265
     seed: int = 0
+    deterministic: bool = False
     steps_per_loop: int = 10
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 3

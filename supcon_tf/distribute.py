@@ -8,7 +8,7 @@ from absl import logging
 
 from supcon_tf.errors import UsageError
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def configure_cpu_replicas(num_replicas: int) -> list[str]:
@@ -48,6 +48,7 @@ def make_strategy(
     *,
     cpu_replicas: int = 1,
     cross_device_ops: str | None = None,
+    tpu: str | None = None,
 ) -> tf.distribute.Strategy:
     """Creates a `tf.distribute.Strategy` from its flag name.
 
@@ -60,6 +61,7 @@ def make_strategy(
         is no GPU; only valid with `mirrored`.
       cross_device_ops: `nccl`, `hierarchical_copy` or `reduce_to_one` for
         `mirrored`; None picks TensorFlow's default.
+      tpu: Address or name of the TPU for `tpu`; empty for a local TPU VM.
     """
     if name not in STRATEGIES:
         raise UsageError(
@@ -78,6 +80,8 @@ def make_strategy(
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "multi_worker":
         return _make_multi_worker_strategy()
+    if name == "tpu":
+        return _make_tpu_strategy(tpu)
     devices = None if gpus else configure_cpu_replicas(cpu_replicas)
     return tf.distribute.MirroredStrategy(
         devices=devices,
@@ -97,6 +101,15 @@ def _make_multi_worker_strategy() -> tf.distribute.Strategy:
     except json.JSONDecodeError as error:
         raise UsageError(f"TF_CONFIG is not valid JSON: {error}.") from None
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _make_tpu_strategy(tpu: str | None) -> tf.distribute.Strategy:
+    # TODO: never run here (no TPU on the development machines); the steps
+    # and the all-gather in the loss are written to run under TPUStrategy.
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def _cross_device_ops(name: str | None):

@@ -31,9 +31,9 @@ softmax cross-entropy of each logits row against the target row
 
 Reduction across replicas. Inside a `tf.distribute` replica context with
 more than one replica, `supcon_loss` and `npairs_feature_loss` gather
-features and labels from all replicas with `ReplicaContext.all_gather` and
+features and labels from all replicas (a zero-padded all-reduce) and
 return the loss of this replica's own samples against the whole global
-batch. The gradient of `all_gather` is summed back to the replica that owns
+batch. The gradient of the gather is summed back to the replica that owns
 each slice. The caller sums the per-sample loss over its local samples and
 divides by the global batch size. Summing that value across replicas, which
 the all-reduce of the gradients does, gives the mean over the global batch,
@@ -132,16 +132,38 @@ def _find_sync_replica_context() -> tf.distribute.ReplicaContext | None:
     return context
 
 
-def _compute_replica_offset(context, local_size: tf.Tensor) -> tf.Tensor:
-    """Returns the global index of this replica's first sample.
+def _replica_sizes(context, local_size: tf.Tensor) -> tuple:
+    """Returns this replica's offset in the global batch and its size.
 
-    It is the sum of the local batch sizes of the replicas with a smaller
-    `replica_id_in_sync_group`, so unequal local batches are placed correctly.
+    The offset is the sum of the local batch sizes of the replicas with a
+    smaller `replica_id_in_sync_group`, so unequal local batches are placed
+    correctly.
     """
-    sizes = context.all_gather(local_size[None], axis=0)
     replica_ids = tf.range(context.num_replicas_in_sync)
     this_replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
-    return tf.reduce_sum(tf.where(replica_ids < this_replica, sizes, 0))
+    mine = tf.cast(tf.equal(replica_ids, this_replica), tf.int32)
+    sizes = context.all_reduce("SUM", mine * local_size)
+    offset = tf.reduce_sum(tf.where(replica_ids < this_replica, sizes, 0))
+    return offset, tf.reduce_sum(sizes)
+
+
+def _all_gather(context, value: tf.Tensor, offset, global_size) -> tf.Tensor:
+    """Concatenates every replica's `value` along axis 0, in replica order.
+
+    Each replica zero-pads its slice to the global size at its offset and
+    the replicas sum the results. `ReplicaContext.all_gather` would move
+    half the bytes, but under MultiWorkerMirroredStrategy inside a
+    `tf.function` (TensorFlow 2.21) it fails with "destinations can not be
+    empty". The gradient of the sum is summed over the replicas, and the
+    padding's gradient slices out this replica's part, as required.
+    """
+    local_size = tf.shape(value)[0]
+    after = global_size - offset - local_size
+    paddings = tf.concat(
+        [[[offset, after]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)],
+        axis=0,
+    )
+    return context.all_reduce("SUM", tf.pad(value, paddings))
 
 
 def _gather_global_batch(features, labels, cross_replica: bool):
@@ -153,10 +175,10 @@ def _gather_global_batch(features, labels, cross_replica: bool):
     context = _find_sync_replica_context() if cross_replica else None
     if context is None:
         return features, labels, tf.constant(0, tf.int32)
-    offset = _compute_replica_offset(context, tf.shape(features)[0])
-    features = context.all_gather(features, axis=0)
+    offset, global_size = _replica_sizes(context, tf.shape(features)[0])
+    features = _all_gather(context, features, offset, global_size)
     if labels is not None:
-        labels = context.all_gather(labels, axis=0)
+        labels = _all_gather(context, labels, offset, global_size)
     return features, labels, offset
 
 

@@ -3,12 +3,11 @@
 import glob
 import json
 import os
-import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,28 +18,6 @@ QUICK = [
     "--eval_epochs=1",
     "--steps_per_loop=2",
 ]
-
-
-def _write_cifar10_batches(root):
-    """Writes a tiny CIFAR-10 python-batch folder in the original layout.
-
-    Five training batches of 40 images and a test batch of 120, whose
-    brightness depends on the class so that the task is learnable.
-    """
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    names = [f"class{i}".encode() for i in range(10)]
-    with open(os.path.join(folder, "batches.meta"), "wb") as stream:
-        pickle.dump({b"label_names": names}, stream, protocol=2)
-    batches = [(f"data_batch_{i}", 40) for i in range(1, 6)]
-    for name, count in batches + [("test_batch", 120)]:
-        labels = [i % 10 for i in range(count)]
-        data = rng.integers(0, 40, (count, 3072), dtype=np.uint8)
-        data += (np.array(labels, dtype=np.uint8) * 20)[:, None]
-        with open(os.path.join(folder, name), "wb") as stream:
-            pickle.dump({b"data": data, b"labels": labels}, stream, protocol=2)
-    return folder
 
 
 def _run(module, *args, env=None, check=True):
@@ -71,8 +48,8 @@ def _scalars(log_dir):
 
 
 @pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    return _write_cifar10_batches(str(tmp_path_factory.mktemp("cifar")))
+def cifar_dir(tiny_cifar10):
+    return tiny_cifar10
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +71,7 @@ def test_pretrain_writes_results(pretrain_run):
     with open(os.path.join(model_dir, "results.json")) as stream:
         results = json.load(stream)
     assert 0.0 <= results["test_accuracy"] <= 1.0
-    assert results["test_examples"] == 120
+    assert results["test_examples"] == 123
     assert results["pretrain_steps"] == 2 * (200 // 8)
     assert results["pretrain_examples_per_second"] > 0
     assert results["flags"]["cpu_replicas"] == 2
@@ -178,7 +155,7 @@ def test_linear_eval_reuses_pretraining(pretrain_run):
     assert results["pretrain_checkpoint"].endswith("ckpt-50") or results[
         "pretrain_checkpoint"
     ].endswith("ckpt-75")
-    assert results["test_examples"] == 120
+    assert results["test_examples"] == 123
     assert results["probe_config"]["head"] == "linear"
 
 
@@ -245,6 +222,34 @@ def test_resume_with_other_encoder_is_rejected(pretrain_run, cifar_dir):
     assert glob.glob(
         os.path.join(model_dir, "checkpoints", "pretrain", "ckpt-*.index")
     )
+
+
+def _loss_values(model_dir, tag="loss/supcon"):
+    accumulator, _ = _scalars(os.path.join(model_dir, "train"))
+    return [
+        float(tf.make_ndarray(event.tensor_proto))
+        for event in accumulator.Tensors(tag)
+    ]
+
+
+def test_same_seed_repeats_losses_exactly(cifar_dir, tmp_path):
+    runs = {}
+    for name, seed in [("first", 0), ("again", 0), ("other", 1)]:
+        model_dir = str(tmp_path / name)
+        _run(
+            "pretrain",
+            f"--data_dir={cifar_dir}",
+            f"--model_dir={model_dir}",
+            *QUICK,
+            "--pretrain_epochs=1",
+            f"--seed={seed}",
+        )
+        runs[name] = _loss_values(model_dir) + _loss_values(
+            model_dir, "loss/probe"
+        )
+    assert len(runs["first"]) == 13 + 13
+    assert runs["again"] == runs["first"]
+    assert runs["other"] != runs["first"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Train steps: one replica against two, and the frozen-encoder step."""
+"""Train steps: 1, 2 and 4 replicas agree; frozen encoder; tracing."""
 
 import keras
 import numpy as np
@@ -37,17 +37,37 @@ def _build(strategy, initial_weights=None, optimizer="sgd"):
     variables = encoder.trainable_variables + head.trainable_variables
     # Plain SGD is linear in the gradient, so equal gradients give equal
     # weights. Adam's first steps are close to sign(gradient), which turns
-    # float rounding in a near-zero gradient into a full-size step.
+    # float rounding in a near-zero gradient into a full-size step. The
+    # rounding of a gradient element scales with the terms summed into it,
+    # not with the element, so the learning rate sets the size of the weight
+    # difference between replica counts: 0.02 keeps it under 1e-5 here.
     optimizer = optim.make_optimizer(
-        OptimizerConfig(optimizer, learning_rate=0.1, momentum=0.9),
+        OptimizerConfig(optimizer, learning_rate=0.02, momentum=0.9),
         strategy,
         variables,
     )
     return encoder, head, optimizer
 
 
-def _pretrain(strategy, split, loss, initial_weights, num_steps):
-    encoder, head, optimizer = _build(strategy, initial_weights)
+def _initial_weights(num_classes=3):
+    """Weights that every strategy's copy of the models starts from."""
+    keras.utils.set_random_seed(1)
+    encoder, head, _ = _build(tf.distribute.get_strategy())
+    classifier = models.build_classifier_head(
+        "linear", input_dim=32, num_classes=num_classes
+    )
+    return encoder.get_weights(), head.get_weights(), classifier.get_weights()
+
+
+def _run_steps(strategy, loop, dataset_fn, num_steps):
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    return [
+        float(loop(iterator, tf.constant(1))["loss"]) for _ in range(num_steps)
+    ]
+
+
+def _pretrain(strategy, split, loss, initial, num_steps):
+    encoder, head, optimizer = _build(strategy, initial[:2])
     replica_step = steps.make_pretrain_step(
         encoder,
         head,
@@ -55,52 +75,117 @@ def _pretrain(strategy, split, loss, initial_weights, num_steps):
         steps.make_contrastive_loss_fn(LossConfig(loss, temperature=0.1)),
         GLOBAL_BATCH,
     )
-    loop = steps.make_train_loop(strategy, replica_step)
-    dataset = strategy.distribute_datasets_from_function(
-        pipeline.make_train_dataset_fn(
-            split,
-            global_batch_size=GLOBAL_BATCH,
-            num_views=1 if loss == "npairs" else 2,
-            augment="supcon",
-            seed=3,
-            num_epochs=1,
-        )
+    dataset_fn = pipeline.make_train_dataset_fn(
+        split,
+        global_batch_size=GLOBAL_BATCH,
+        num_views=1 if loss == "npairs" else 2,
+        augment="supcon",
+        seed=3,
+        num_epochs=1,
     )
-    iterator = iter(dataset)
-    losses = [
-        float(loop(iterator, tf.constant(1))["loss"]) for _ in range(num_steps)
-    ]
+    loop = steps.make_train_loop(strategy, replica_step)
+    losses = _run_steps(strategy, loop, dataset_fn, num_steps)
     return losses, encoder.get_weights() + head.get_weights()
 
 
-@pytest.mark.parametrize("loss", ["supcon", "simclr", "npairs"])
-def test_two_replicas_train_like_one(loss, mirrored):
+def _classify(strategy, split, train_encoder, initial, num_steps):
+    encoder, _, _ = _build(strategy, initial[:2])
+    with strategy.scope():
+        head = models.build_classifier_head(
+            "linear", input_dim=32, num_classes=3
+        )
+        head.set_weights(initial[2])
+    variables = list(head.trainable_variables)
+    if train_encoder:
+        variables = encoder.trainable_variables + variables
+    optimizer = optim.make_optimizer(
+        OptimizerConfig("sgd", learning_rate=0.02), strategy, variables
+    )
+    replica_step = steps.make_classifier_step(
+        encoder, head, optimizer, GLOBAL_BATCH, train_encoder=train_encoder
+    )
+    dataset_fn = pipeline.make_train_dataset_fn(
+        split,
+        global_batch_size=GLOBAL_BATCH,
+        num_views=1,
+        augment="keras_example",
+        seed=5,
+        num_epochs=1,
+    )
+    loop = steps.make_train_loop(strategy, replica_step)
+    losses = _run_steps(strategy, loop, dataset_fn, num_steps)
+    return losses, encoder.get_weights() + head.get_weights()
+
+
+PHASES = {
+    "pretrain_supcon": lambda st, sp, w, n: _pretrain(st, sp, "supcon", w, n),
+    "pretrain_simclr": lambda st, sp, w, n: _pretrain(st, sp, "simclr", w, n),
+    "pretrain_npairs": lambda st, sp, w, n: _pretrain(st, sp, "npairs", w, n),
+    "frozen_probe": lambda st, sp, w, n: _classify(st, sp, False, w, n),
+    "baseline": lambda st, sp, w, n: _classify(st, sp, True, w, n),
+}
+
+
+@pytest.mark.parametrize("num_replicas", [2, 4])
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_replicas_train_like_one(phase, num_replicas, mirrored):
     split = _split()
-    keras.utils.set_random_seed(1)
-    reference = _build(tf.distribute.get_strategy())
-    initial = (reference[0].get_weights(), reference[1].get_weights())
+    initial = _initial_weights()
+    run = PHASES[phase]
+    losses_one, weights_one = run(mirrored(1), split, initial, 3)
+    losses_many, weights_many = run(mirrored(num_replicas), split, initial, 3)
 
-    one, two = mirrored(1), mirrored(2)
-    losses_one, weights_one = _pretrain(one, split, loss, initial, 3)
-    losses_two, weights_two = _pretrain(two, split, loss, initial, 3)
-
-    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5, atol=1e-6)
+    # The loss at every step, then every weight, batch-norm moving
+    # statistics included, within 1e-5.
+    np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5, atol=1e-6)
     assert losses_one[0] > 0.0
-    assert len(weights_one) == len(weights_two)
-    for after_one, after_two, _before in zip(
-        weights_one, weights_two, initial[0] + initial[1], strict=True
-    ):
-        np.testing.assert_allclose(after_two, after_one, rtol=1e-5, atol=1e-5)
-    # Every weight but the two fixed pixel statistics moved, so the equality
-    # above is not trivially true.
+    assert len(weights_many) == len(weights_one)
+    for many, one in zip(weights_many, weights_one, strict=True):
+        np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
+
+    # The trained weights moved, so the equality above is not trivial.
+    # The first two arrays are the fixed pixel statistics.
+    if phase.startswith("pretrain"):
+        start = initial[0] + initial[1]
+    else:
+        start = initial[0] + initial[2]
     moved = [
         not np.allclose(after, before)
-        for after, before in zip(
-            weights_one, initial[0] + initial[1], strict=True
-        )
+        for after, before in zip(weights_one, start, strict=True)
     ]
     assert moved[:2] == [False, False]
-    assert all(moved[2:])
+    if phase == "frozen_probe":
+        assert not any(moved[: len(initial[0])])
+    assert all(moved[len(initial[0]) :])
+    if phase != "frozen_probe":
+        assert all(moved[2:])
+
+
+def test_train_loop_traces_once(mirrored):
+    strategy = mirrored(2)
+    encoder, head, optimizer = _build(strategy)
+    replica_step = steps.make_pretrain_step(
+        encoder,
+        head,
+        optimizer,
+        steps.make_contrastive_loss_fn(LossConfig("supcon", 0.1)),
+        GLOBAL_BATCH,
+    )
+    loop = steps.make_train_loop(strategy, replica_step)
+    dataset_fn = pipeline.make_train_dataset_fn(
+        _split(64),
+        global_batch_size=GLOBAL_BATCH,
+        num_views=2,
+        augment="supcon",
+        seed=0,
+        num_epochs=1,
+    )
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    for num_steps in (1, 3, 2):
+        loop(iterator, tf.constant(num_steps))
+    optimizer.learning_rate.assign(0.01)
+    loop(iterator, tf.constant(1))
+    assert loop.experimental_get_tracing_count() == 1
 
 
 def test_replica_copies_stay_identical(mirrored):
@@ -175,9 +260,15 @@ def test_frozen_encoder_step_trains_only_head(mirrored):
     )
 
 
-def test_eval_counts_every_example_once(mirrored):
-    split = _split(num_examples=13)
-    strategy = mirrored(2)
+@pytest.mark.parametrize(
+    "num_examples, num_replicas",
+    # 13 = 8 + 5: one replica of two gets a short batch. 9 = 8 + 1: three
+    # replicas of four get nothing but padding in the last batch.
+    [(13, 2), (9, 4)],
+)
+def test_eval_counts_every_example_once(num_examples, num_replicas, mirrored):
+    split = _split(num_examples=num_examples)
+    strategy = mirrored(num_replicas)
     encoder, _, _ = _build(strategy)
     with strategy.scope():
         head = models.build_classifier_head(
@@ -190,7 +281,7 @@ def test_eval_counts_every_example_once(mirrored):
         pipeline.make_eval_dataset_fn(split, global_batch_size=GLOBAL_BATCH)
     )
     sums = evaluate(dataset)
-    assert sums["count"] == 13.0
+    assert sums["count"] == float(num_examples)
 
     images = split.images.astype("float32") / 255.0
     logits = head(encoder(images, training=False), training=False)

@@ -43,12 +43,15 @@ def _start(run: RunConfig, data: DataConfig, log_dir: str) -> RunContext:
         run.strategy,
         cpu_replicas=run.cpu_replicas,
         cross_device_ops=run.cross_device_ops,
+        tpu=run.tpu,
     )
     distribute.log_strategy(strategy)
     per_replica = distribute.check_global_batch_size(
         run.global_batch_size, strategy.num_replicas_in_sync
     )
     keras.utils.set_random_seed(run.seed)
+    if run.deterministic:
+        tf.config.experimental.enable_op_determinism()
     splits = sources.load_dataset(
         data.dataset,
         data.data_dir,
