@@ -11,7 +11,6 @@ from absl import flags
 from experiments import flags as job_flags
 from supcon_tf import config as config_lib
 from supcon_tf import models
-from supcon_tf.errors import UsageError
 from supcon_tf.training import jobs
 
 FLAGS = flags.FLAGS
@@ -19,8 +18,9 @@ FLAGS = flags.FLAGS
 job_flags.define_data_flags(augment_default="keras_example", with_views=False)
 job_flags.define_model_flags(with_projection=False)
 job_flags.define_run_flags()
-job_flags.define_optimizer_flags()
+job_flags.define_optimizer_flags(phase="end-to-end training")
 job_flags.define(flags.DEFINE_integer, "epochs", 50, "Training epochs.")
+job_flags.require_at_least("epochs", 1)
 job_flags.define(
     flags.DEFINE_enum,
     "classifier_head",
@@ -29,10 +29,11 @@ job_flags.define(
     "mlp: the keras.io example's classifier; linear: one Dense.",
 )
 
+# List the shared flags under --help, not only under --helpfull.
+flags.adopt_module_key_flags(job_flags)
+
 
 def baseline() -> None:
-    if FLAGS.epochs < 1:
-        raise UsageError(f"--epochs={FLAGS.epochs} is invalid; use 1+.")
     config = config_lib.BaselineConfig(
         data=job_flags.data_config(),
         model=job_flags.model_config(with_projection=False),

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 
+import tensorflow as tf
 from absl import app, flags
 
 from supcon_tf import benchmarks
@@ -59,7 +60,20 @@ def run_loss_section() -> dict:
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    """Describes the processor, e.g. `Intel(R) Xeon(R) Processor, 2 CPUs`."""
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    gpus = tf.config.list_physical_devices("GPU")
+    accelerator = f", {len(gpus)} GPU(s)" if gpus else ", no GPU"
+    return f"{model}, {os.cpu_count()} CPUs{accelerator}, TF {tf.__version__}"
 
 
 def record(results: dict) -> None:

@@ -27,6 +27,15 @@ def define(definition: Callable, name: str, *args, **kwargs) -> None:
     _DEFINED.append(name)
 
 
+def require_at_least(name: str, minimum: float) -> None:
+    """Rejects `--name` below `minimum` at parse time, naming the fix."""
+    flags.register_validator(
+        name,
+        lambda value: value is None or value >= minimum,
+        message=f"use a value of {minimum} or more.",
+    )
+
+
 def define_data_flags(*, augment_default: str, with_views: bool) -> None:
     define(
         flags.DEFINE_enum,
@@ -79,6 +88,9 @@ def define_data_flags(*, augment_default: str, with_views: bool) -> None:
             2,
             "Augmented views of each image per step.",
         )
+    require_at_least("image_size", 1)
+    require_at_least("max_train_examples", 1)
+    require_at_least("max_test_examples", 1)
 
 
 def define_model_flags(*, with_projection: bool) -> None:
@@ -114,19 +126,20 @@ def define_model_flags(*, with_projection: bool) -> None:
     )
 
 
-def define_optimizer_flags(prefix: str = "", lr_default: float = 1e-3):
+def define_optimizer_flags(prefix: str = "", phase: str = "training"):
+    """Defines `--{prefix}optimizer` and `--{prefix}learning_rate`."""
     define(
         flags.DEFINE_enum,
         prefix + "optimizer",
         "adam",
         ["adam", "sgd"],
-        "Optimizer (sgd uses --momentum).",
+        f"Optimizer of the {phase} (sgd uses --momentum).",
     )
     define(
         flags.DEFINE_float,
         prefix + "learning_rate",
-        lr_default,
-        "Learning rate.",
+        1e-3,
+        f"Learning rate of the {phase}.",
     )
     if not prefix:
         define(flags.DEFINE_float, "momentum", 0.9, "Momentum for sgd.")
@@ -208,6 +221,11 @@ def define_run_flags(*, model_dir_required: bool = True) -> None:
         3,
         "Checkpoints kept per phase.",
     )
+    require_at_least("cpu_replicas", 1)
+    require_at_least("global_batch_size", 1)
+    require_at_least("steps_per_loop", 1)
+    require_at_least("checkpoint_every_steps", 0)
+    require_at_least("keep_checkpoints", 1)
 
 
 def define_probe_flags() -> None:
@@ -232,7 +250,7 @@ def define_probe_flags() -> None:
         list(augment.AUGMENT_MODES),
         "Augmentation while the probe trains.",
     )
-    define_optimizer_flags("eval_")
+    define_optimizer_flags("eval_", "frozen-encoder probe")
     define(
         flags.DEFINE_integer,
         "eval_every_epochs",
@@ -240,6 +258,8 @@ def define_probe_flags() -> None:
         "Also evaluate on the test split every this many probe epochs; "
         "0 evaluates only at the end.",
     )
+    require_at_least("eval_epochs", 1)
+    require_at_least("eval_every_epochs", 0)
 
 
 def flag_values() -> dict[str, Any]:
@@ -336,5 +356,11 @@ def run(job: Callable[[], None]) -> None:
         except UsageError as error:
             sys.stderr.write(f"error: {error}\n")
             sys.exit(2)
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                "Interrupted. Rerun the same command to resume from the "
+                "latest checkpoint.\n"
+            )
+            sys.exit(130)
 
     app.run(main)

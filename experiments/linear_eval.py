@@ -50,6 +50,11 @@ job_flags.define(
     "Override the pretraining run's global batch size.",
 )
 job_flags.define_probe_flags()
+job_flags.require_at_least("cpu_replicas", 1)
+job_flags.require_at_least("global_batch_size", 1)
+
+# List the shared flags under --help, not only under --helpfull.
+flags.adopt_module_key_flags(job_flags)
 
 
 def linear_eval() -> None:

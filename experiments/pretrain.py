@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 job_flags.define_data_flags(augment_default="supcon", with_views=True)
 job_flags.define_model_flags(with_projection=True)
 job_flags.define_run_flags()
-job_flags.define_optimizer_flags()
+job_flags.define_optimizer_flags(phase="pretraining")
 job_flags.define(
     flags.DEFINE_enum,
     "loss",
@@ -41,6 +41,11 @@ job_flags.define(
     "Epochs of contrastive pretraining.",
 )
 job_flags.define_probe_flags()
+for _name in ("views", "projection_dim", "pretrain_epochs"):
+    job_flags.require_at_least(_name, 1)
+
+# List the shared flags under --help, not only under --helpfull.
+flags.adopt_module_key_flags(job_flags)
 
 
 def pretrain() -> None:

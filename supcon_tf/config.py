@@ -8,7 +8,10 @@ the SupCon paper's loss on two augmented views.
 
 import dataclasses
 import json
+import math
 from typing import Any
+
+from supcon_tf.errors import UsageError
 
 LOSSES = ("supcon", "simclr", "npairs")
 OPTIMIZERS = ("adam", "sgd")
@@ -16,7 +19,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from and how training views are made."""
+    """Data source and the augmentation that makes training views."""
 
     dataset: str = "cifar10"
     data_dir: str | None = None
@@ -67,7 +70,7 @@ class ClassifierConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Where and how a job runs."""
+    """Output directory, strategy, batch size, seed and logging of a job."""
 
     model_dir: str = "/tmp/supcon_tf"
     strategy: str = "default"
@@ -105,14 +108,18 @@ class BaselineConfig:
     classifier: ClassifierConfig = ClassifierConfig()
 
 
+def classifier_config_from_dict(values: dict[str, Any]) -> ClassifierConfig:
+    values = dict(values)
+    values["optimizer"] = OptimizerConfig(**values["optimizer"])
+    return ClassifierConfig(**values)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
 def pretrain_config_from_dict(values: dict[str, Any]) -> PretrainConfig:
     """Rebuilds a `PretrainConfig` from `to_dict` output (e.g. JSON)."""
-    probe = dict(values["probe"])
-    probe["optimizer"] = OptimizerConfig(**probe["optimizer"])
     return PretrainConfig(
         data=DataConfig(**values["data"]),
         model=ModelConfig(**values["model"]),
@@ -120,9 +127,75 @@ def pretrain_config_from_dict(values: dict[str, Any]) -> PretrainConfig:
         optimizer=OptimizerConfig(**values["optimizer"]),
         run=RunConfig(**values["run"]),
         epochs=values["epochs"],
-        probe=ClassifierConfig(**probe),
+        probe=classifier_config_from_dict(values["probe"]),
     )
 
 
 def dumps(config: Any) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def _check_positive(value: float, flag: str, example: str) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(
+            f"{flag}={value} is invalid; use a positive number such as "
+            f"{example}."
+        )
+
+
+def _check_at_least(value: int, minimum: int, flag: str) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag}={value} is invalid; use {minimum} or more.")
+
+
+def validate_optimizer(config: OptimizerConfig, prefix: str = "") -> None:
+    if config.optimizer not in OPTIMIZERS:
+        raise UsageError(
+            f"--{prefix}optimizer={config.optimizer!r} is invalid; choose "
+            f"one of {', '.join(OPTIMIZERS)}."
+        )
+    _check_positive(config.learning_rate, f"--{prefix}learning_rate", "1e-3")
+    if not 0.0 <= config.momentum < 1.0:
+        raise UsageError(
+            f"--momentum={config.momentum} is invalid; use a value in "
+            "[0, 1), such as 0.9."
+        )
+
+
+def validate_classifier(
+    config: ClassifierConfig, *, epochs_flag: str, prefix: str
+) -> None:
+    _check_at_least(config.epochs, 1, epochs_flag)
+    _check_at_least(config.eval_every_epochs, 0, "--eval_every_epochs")
+    validate_optimizer(config.optimizer, prefix)
+
+
+def validate_pretrain(config: PretrainConfig) -> None:
+    """Rejects settings that are invalid or would train nothing useful."""
+    loss, views = config.loss.loss, config.data.num_views
+    _check_at_least(views, 1, "--views")
+    if loss not in LOSSES:
+        raise UsageError(
+            f"--loss={loss!r} is invalid; choose one of {', '.join(LOSSES)}."
+        )
+    if loss == "npairs" and views != 1:
+        raise UsageError(
+            f"--loss=npairs compares one view per image, but --views={views};"
+            " set --views=1 (the keras.io example also sets "
+            "--augment=keras_example)."
+        )
+    if loss == "simclr" and views < 2:
+        raise UsageError(
+            "--loss=simclr needs two or more views per image (its only "
+            f"positives are other views), but --views={views}; use --views=2."
+        )
+    _check_positive(config.loss.temperature, "--temperature", "0.05 or 0.1")
+    _check_at_least(config.epochs, 1, "--pretrain_epochs")
+    validate_optimizer(config.optimizer)
+    validate_classifier(
+        config.probe, epochs_flag="--eval_epochs", prefix="eval_"
+    )
+
+
+def validate_baseline(config: BaselineConfig) -> None:
+    validate_classifier(config.classifier, epochs_flag="--epochs", prefix="")

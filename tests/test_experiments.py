@@ -139,6 +139,12 @@ def test_rerun_resumes_instead_of_retraining(pretrain_run, cifar_dir):
     # The probe finished in the first run, so it only re-evaluates.
     assert "probe: already at step 25 of 25" in process.stderr
     assert second["test_examples"] == first["test_examples"]
+    # The probe trained nothing this time, so its speed is the first run's.
+    assert (
+        second["probe_examples_per_second"]
+        == (first["probe_examples_per_second"])
+    )
+    assert second["probe_examples_per_second"] > 0
 
 
 def test_linear_eval_reuses_pretraining(pretrain_run):
@@ -206,22 +212,85 @@ def test_bad_flags_exit_cleanly(cifar_dir, tmp_path, args, message):
     assert "Traceback" not in process.stderr
 
 
-def test_resume_with_other_encoder_is_rejected(pretrain_run, cifar_dir):
+def _snapshot(directory):
+    """Every file under `directory` with its size and modification time."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            files[path] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        (
+            "pretrain",
+            ["--encoder=resnet18_cifar"],
+            "model.encoder='small_cnn' (now 'resnet18_cifar')",
+        ),
+        (
+            "pretrain",
+            ["--max_train_examples=100"],
+            "data.max_train_examples=None (now 100)",
+        ),
+        ("pretrain", ["--seed=3"], "run.seed=0 (now 3)"),
+        ("pretrain", ["--eval_head=linear"], "probe.head='mlp' (now 'linear')"),
+        ("pretrain", ["--temperature=-0.1"], "--temperature=-0.1 is invalid"),
+        ("pretrain", ["--learning_rate=nan"], "--learning_rate=nan is invalid"),
+        (
+            "pretrain",
+            ["--eval_learning_rate=0"],
+            "--eval_learning_rate=0.0 is invalid",
+        ),
+        (
+            "baseline",
+            ["--epochs=1"],
+            "contains a pretrain run, and this is a baseline run",
+        ),
+    ],
+)
+def test_rejected_rerun_leaves_run_untouched(
+    pretrain_run, cifar_dir, module, args, message
+):
     model_dir, _ = pretrain_run
+    before = _snapshot(model_dir)
+    quick = (
+        QUICK
+        if module == "pretrain"
+        else ["--encoder=small_cnn", "--global_batch_size=8"]
+    )
     process = _run(
-        "pretrain",
+        module,
         f"--data_dir={cifar_dir}",
         f"--model_dir={model_dir}",
-        *QUICK,
-        "--encoder=resnet18_cifar",
+        *quick,
+        *args,
         check=False,
     )
     assert process.returncode == 2
-    assert "contains a run with model=" in process.stderr
+    assert message in process.stderr
     assert "Traceback" not in process.stderr
-    assert glob.glob(
-        os.path.join(model_dir, "checkpoints", "pretrain", "ckpt-*.index")
+    assert _snapshot(model_dir) == before
+
+
+def test_linear_eval_rejects_other_probe_in_same_dir(pretrain_run):
+    model_dir, _ = pretrain_run
+    eval_dir = os.path.join(model_dir, "linear_eval")
+    before = _snapshot(eval_dir)
+    process = _run(
+        "linear_eval",
+        f"--model_dir={model_dir}",
+        "--eval_epochs=1",
+        "--eval_head=mlp",
+        check=False,
     )
+    assert process.returncode == 2
+    assert "probe.head='linear' (now 'mlp')" in process.stderr
+    assert "Use a new --eval_dir" in process.stderr
+    assert _snapshot(eval_dir) == before
 
 
 def _loss_values(model_dir, tag="loss/supcon"):

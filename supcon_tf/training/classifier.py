@@ -29,7 +29,7 @@ class RunContext:
     steps_per_loop: int
     checkpoint_every_steps: int
     keep_checkpoints: int
-    writers: SummaryWriters
+    writers: SummaryWriters | None
 
 
 def evaluate(

@@ -1,6 +1,12 @@
-"""The three jobs: pretrain then probe, probe alone, and the baseline."""
+"""The three jobs: pretrain then probe, probe alone, and the baseline.
 
-import json
+Each job validates its settings, creates the strategy (before any other
+TensorFlow work), loads the data and checks the output directory before it
+writes anything there, so a rejected command leaves an existing run as it
+was.
+"""
+
+import dataclasses
 import os
 from typing import Any
 
@@ -9,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from supcon_tf import config as config_lib
-from supcon_tf import distribute, models, optim
+from supcon_tf import distribute, models
 from supcon_tf.config import (
     BaselineConfig,
     ClassifierConfig,
@@ -18,27 +24,46 @@ from supcon_tf.config import (
     PretrainConfig,
     RunConfig,
 )
-from supcon_tf.data import pipeline, sources
+from supcon_tf.data import sources
 from supcon_tf.errors import UsageError
-from supcon_tf.training import steps
-from supcon_tf.training.checkpoints import PhaseCheckpoint
+from supcon_tf.training import run_dir
 from supcon_tf.training.classifier import (
     RunContext,
     checkpoint_path,
     train_classifier,
 )
-from supcon_tf.training.loop import Phase, PhaseStats, run_phase
-from supcon_tf.training.results import write_results
+from supcon_tf.training.loop import PhaseStats, run_phase
+from supcon_tf.training.pretrain import make_pretrain_phase
+from supcon_tf.training.results import library_versions, write_results
 from supcon_tf.training.summaries import SummaryWriters
 
-CONFIG_FILE = "config.json"
-# Fields that fix the variables in the checkpoint or the data they saw; a
-# resumed run must keep them.
-_RESUME_KEYS = ("model", "data.dataset", "data.image_size")
+# Settings that the checkpoints, or the data order they were trained on,
+# depend on; a rerun must repeat them to resume. Epochs, logging and the
+# strategy may change (N replicas train like one).
+_TRAINING_KEYS = ("model", "data", "run.seed", "run.global_batch_size")
+_PRETRAIN_KEYS = _TRAINING_KEYS + (
+    "loss",
+    "probe.head",
+    "probe.augment",
+    "probe.optimizer",
+)
+_BASELINE_KEYS = _TRAINING_KEYS + (
+    "classifier.head",
+    "classifier.augment",
+    "classifier.optimizer",
+)
+_LINEAR_EVAL_KEYS = (
+    "pretrain_model_dir",
+    "probe.head",
+    "probe.augment",
+    "probe.optimizer",
+    "run.seed",
+    "run.global_batch_size",
+)
 
 
-def _start(run: RunConfig, data: DataConfig, log_dir: str) -> RunContext:
-    """Creates the strategy first (it must precede other TF work)."""
+def _start(run: RunConfig, data: DataConfig) -> RunContext:
+    """Creates the strategy, then loads the data; writes nothing."""
     strategy = distribute.make_strategy(
         run.strategy,
         cpu_replicas=run.cpu_replicas,
@@ -71,18 +96,38 @@ def _start(run: RunConfig, data: DataConfig, log_dir: str) -> RunContext:
         run.global_batch_size,
         per_replica,
     )
-    chief = distribute.is_chief(strategy)
     return RunContext(
         strategy=strategy,
-        chief=chief,
+        chief=distribute.is_chief(strategy),
         splits=splits,
         global_batch_size=run.global_batch_size,
         seed=run.seed,
         steps_per_loop=run.steps_per_loop,
         checkpoint_every_steps=run.checkpoint_every_steps,
         keep_checkpoints=run.keep_checkpoints,
-        writers=SummaryWriters(log_dir, chief=chief),
+        writers=None,
     )
+
+
+def _claim_directory(
+    context: RunContext,
+    directory: str,
+    job: str,
+    settings: dict[str, Any],
+    keys: tuple[str, ...],
+    flag: str = "--model_dir",
+) -> dict[str, Any]:
+    """Checks and saves config.json, then opens the summary writers.
+
+    Returns:
+      The results of an earlier attempt in `directory`, or {}.
+    """
+    previous = {}
+    if context.chief:
+        run_dir.check_and_save_config(directory, job, settings, keys, flag)
+        previous = run_dir.load_previous_results(directory)
+    context.writers = SummaryWriters(directory, chief=context.chief)
+    return previous
 
 
 def _build_encoder(context: RunContext, model: ModelConfig) -> keras.Model:
@@ -104,140 +149,26 @@ def _build_encoder(context: RunContext, model: ModelConfig) -> keras.Model:
     return encoder
 
 
-def _lookup(values: dict[str, Any], dotted: str) -> Any:
-    for key in dotted.split("."):
-        values = values[key]
-    return values
+def _phase_results(
+    prefix: str, stats: PhaseStats, previous: dict[str, Any]
+) -> dict[str, Any]:
+    """Returns the phase's numbers for results.json.
 
-
-def check_and_save_config(model_dir: str, config: PretrainConfig) -> None:
-    """Saves `config.json`, or checks a resumed run against the saved one."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    current = config_lib.to_dict(config)
-    if os.path.exists(path):
-        with open(path) as stream:
-            saved = json.load(stream)
-        for key in _RESUME_KEYS:
-            if _lookup(saved, key) != _lookup(current, key):
-                raise UsageError(
-                    f"--model_dir={model_dir} contains a run with {key}="
-                    f"{_lookup(saved, key)}, but this command asks for "
-                    f"{_lookup(current, key)}. Use a new --model_dir, or "
-                    "repeat the original settings to resume that run."
-                )
-    os.makedirs(model_dir, exist_ok=True)
-    with open(path, "w") as stream:
-        stream.write(config_lib.dumps(config) + "\n")
-
-
-def load_saved_config(model_dir: str) -> PretrainConfig:
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise UsageError(
-            f"No {CONFIG_FILE} in --model_dir={model_dir}; point it at the "
-            "directory of a run of `python -m experiments.pretrain`."
-        )
-    with open(path) as stream:
-        return config_lib.pretrain_config_from_dict(json.load(stream))
-
-
-def validate_pretrain_config(config: PretrainConfig) -> None:
-    """Rejects flag combinations that would train something meaningless."""
-    loss, views = config.loss.loss, config.data.num_views
-    if views < 1:
-        raise UsageError(f"--views={views} is invalid; use 1 or more.")
-    if loss == "npairs" and views != 1:
-        raise UsageError(
-            f"--loss=npairs compares one view per image, but --views={views};"
-            " set --views=1 (the keras.io example also sets "
-            "--augment=keras_example)."
-        )
-    if loss == "simclr" and views < 2:
-        raise UsageError(
-            "--loss=simclr needs two or more views per image (its only "
-            f"positives are other views), but --views={views}; use --views=2."
-        )
-    if config.epochs < 1 or config.probe.epochs < 1:
-        raise UsageError(
-            f"--pretrain_epochs={config.epochs} and --eval_epochs="
-            f"{config.probe.epochs} must both be 1 or more."
-        )
-
-
-def _pretrain_phase(context, config, encoder) -> tuple[Phase, Any]:
-    strategy = context.strategy
-    with strategy.scope():
-        head = models.build_projection_head(
-            config.model.projection_head,
-            input_dim=encoder.output_shape[-1],
-            output_dim=config.model.projection_dim,
-        )
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    variables = encoder.trainable_variables + head.trainable_variables
-    optimizer = optim.make_optimizer(config.optimizer, strategy, variables)
-    checkpoint = tf.train.Checkpoint(
-        encoder=encoder, projection_head=head, optimizer=optimizer, step=step
-    )
-    replica_step = steps.make_pretrain_step(
-        encoder,
-        head,
-        optimizer,
-        steps.make_contrastive_loss_fn(config.loss),
-        config.run.global_batch_size,
-    )
-    splits = context.splits
-    steps_per_epoch = pipeline.steps_per_epoch(
-        len(splits.train.labels), config.run.global_batch_size
-    )
-
-    def dataset_fn_for_step(start_step: int):
-        return pipeline.make_train_dataset_fn(
-            splits.train,
-            global_batch_size=config.run.global_batch_size,
-            num_views=config.data.num_views,
-            augment=config.data.augment,
-            seed=config.run.seed,
-            num_epochs=config.epochs,
-            start_step=start_step,
-        )
-
-    phase = Phase(
-        name="pretrain",
-        strategy=strategy,
-        train_loop=steps.make_train_loop(strategy, replica_step),
-        dataset_fn_for_step=dataset_fn_for_step,
-        step=step,
-        checkpoint=PhaseCheckpoint(
-            checkpoint_path(config.run.model_dir, "pretrain"),
-            checkpoint,
-            chief=context.chief,
-            max_to_keep=config.run.keep_checkpoints,
-        ),
-        writers=context.writers,
-        total_steps=steps_per_epoch * config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        examples_per_step=config.run.global_batch_size,
-        tags={
-            "loss": f"loss/{config.loss.loss}",
-            "lr": "lr",
-            "steps_per_sec": "perf/steps_per_sec",
-            "examples_per_sec": "perf/examples_per_sec",
-        },
-        learning_rate=lambda: optim.current_learning_rate(optimizer),
-        steps_per_loop=config.run.steps_per_loop,
-        checkpoint_every_steps=config.run.checkpoint_every_steps,
-    )
-    return phase, head
-
-
-def _phase_results(prefix: str, stats: PhaseStats) -> dict[str, Any]:
-    return {
+    A rerun that found the phase finished trains nothing, so it keeps the
+    speed and time that the attempt which trained reported.
+    """
+    results = {
         f"{prefix}_examples_per_second": stats.examples_per_second,
         f"{prefix}_first_call_seconds": stats.first_call_seconds,
         f"{prefix}_wall_seconds": stats.wall_seconds,
         f"{prefix}_steps": stats.end_step,
         f"{prefix}_final_metrics": stats.last_metrics,
     }
+    if stats.end_step == stats.start_step:
+        for key in results:
+            if key in previous and key != f"{prefix}_steps":
+                results[key] = previous[key]
+    return results
 
 
 def _test_results(metrics: dict[str, float]) -> dict[str, Any]:
@@ -257,15 +188,20 @@ def run_pretraining(
     A rerun with the same `model_dir` resumes each phase from its latest
     checkpoint. Writes `model_dir/results.json` and returns its content.
     """
-    validate_pretrain_config(config)
+    config_lib.validate_pretrain(config)
+    versions = library_versions()
     model_dir = config.run.model_dir
-    context = _start(config.run, config.data, model_dir)
-    if context.chief:
-        check_and_save_config(model_dir, config)
+    context = _start(config.run, config.data)
+    previous = _claim_directory(
+        context,
+        model_dir,
+        "pretrain",
+        config_lib.to_dict(config),
+        _PRETRAIN_KEYS,
+    )
     encoder = _build_encoder(context, config.model)
 
-    phase, _ = _pretrain_phase(context, config, encoder)
-    pretrain_stats = run_phase(phase)
+    pretrain_stats = run_phase(make_pretrain_phase(context, config, encoder))
     if pretrain_stats.examples_per_second:
         logging.info(
             "pretrain: %.1f examples/s after the first call.",
@@ -282,12 +218,12 @@ def run_pretraining(
     results = {
         "job": "pretrain",
         **_test_results(metrics),
-        **_phase_results("pretrain", pretrain_stats),
-        **_phase_results("probe", probe_stats),
+        **_phase_results("pretrain", pretrain_stats, previous),
+        **_phase_results("probe", probe_stats, previous),
         "config": config_lib.to_dict(config),
         "flags": flag_values or {},
     }
-    _finish(context, model_dir, results)
+    _finish(context, model_dir, results, versions)
     return results
 
 
@@ -303,12 +239,16 @@ def run_linear_eval(
 
     The data and encoder settings come from `model_dir/config.json`;
     `run_overrides` replaces fields of its run settings (strategy, batch).
-    Results, summaries and probe checkpoints go to `output_dir`.
+    Results, summaries and probe checkpoints go to `output_dir`, which a
+    rerun with other probe settings may not reuse.
     """
-    saved = load_saved_config(model_dir)
-    run = config_lib.dataclasses.replace(saved.run, **(run_overrides or {}))
-    context = _start(run, saved.data, output_dir)
-    encoder = _build_encoder(context, saved.model)
+    config_lib.validate_classifier(
+        probe, epochs_flag="--eval_epochs", prefix="eval_"
+    )
+    versions = library_versions()
+    saved = config_lib.pretrain_config_from_dict(
+        run_dir.load_config(model_dir, "pretrain")
+    )
     pretrain_dir = checkpoint_path(model_dir, "pretrain")
     latest = tf.train.latest_checkpoint(pretrain_dir)
     if latest is None:
@@ -316,6 +256,22 @@ def run_linear_eval(
             f"No pretraining checkpoint in {pretrain_dir}; run "
             "`python -m experiments.pretrain` with this --model_dir first."
         )
+    run = dataclasses.replace(saved.run, **(run_overrides or {}))
+    context = _start(run, saved.data)
+    settings = {
+        "pretrain_model_dir": os.path.abspath(model_dir),
+        "probe": config_lib.to_dict(probe),
+        "run": config_lib.to_dict(run),
+    }
+    previous = _claim_directory(
+        context,
+        output_dir,
+        "linear_eval",
+        settings,
+        _LINEAR_EVAL_KEYS,
+        flag="--eval_dir",
+    )
+    encoder = _build_encoder(context, saved.model)
     tf.train.Checkpoint(encoder=encoder).restore(latest).expect_partial()
     logging.info("Restored the encoder from %s.", latest)
     stats, metrics = train_classifier(
@@ -330,11 +286,11 @@ def run_linear_eval(
         "job": "linear_eval",
         "pretrain_checkpoint": latest,
         **_test_results(metrics),
-        **_phase_results("probe", stats),
+        **_phase_results("probe", stats, previous),
         "probe_config": config_lib.to_dict(probe),
         "flags": flag_values or {},
     }
-    _finish(context, output_dir, results)
+    _finish(context, output_dir, results, versions)
     return results
 
 
@@ -342,8 +298,17 @@ def run_baseline(
     config: BaselineConfig, flag_values: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Trains encoder and classifier end to end with cross-entropy."""
+    config_lib.validate_baseline(config)
+    versions = library_versions()
     model_dir = config.run.model_dir
-    context = _start(config.run, config.data, model_dir)
+    context = _start(config.run, config.data)
+    previous = _claim_directory(
+        context,
+        model_dir,
+        "baseline",
+        config_lib.to_dict(config),
+        _BASELINE_KEYS,
+    )
     encoder = _build_encoder(context, config.model)
     stats, metrics = train_classifier(
         context,
@@ -356,17 +321,22 @@ def run_baseline(
     results = {
         "job": "baseline",
         **_test_results(metrics),
-        **_phase_results("baseline", stats),
+        **_phase_results("baseline", stats, previous),
         "config": config_lib.to_dict(config),
         "flags": flag_values or {},
     }
-    _finish(context, model_dir, results)
+    _finish(context, model_dir, results, versions)
     return results
 
 
-def _finish(context: RunContext, output_dir: str, results: dict) -> None:
+def _finish(
+    context: RunContext,
+    output_dir: str,
+    results: dict[str, Any],
+    versions: dict[str, str],
+) -> None:
     context.writers.close()
     if context.chief:
-        path = os.path.join(output_dir, "results.json")
-        write_results(path, results)
+        path = os.path.join(output_dir, run_dir.RESULTS_FILE)
+        write_results(path, results, versions)
         logging.info("Wrote %s.", path)

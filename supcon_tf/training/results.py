@@ -1,5 +1,6 @@
 """The run's `results.json`: headline numbers, configuration, versions."""
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -12,19 +13,19 @@ import tensorflow as tf
 
 
 def library_versions() -> dict[str, str]:
-    import absl
-    import tensorboard
-
-    from supcon_tf import __version__
-
+    """Versions of Python and the installed packages a run depends on."""
+    installed = {}
+    for package in ("absl-py", "tensorboard", "supcon_tf"):
+        try:
+            installed[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed[package] = "not installed"
     return {
         "python": sys.version.split()[0],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
-        "absl": getattr(absl, "__version__", "unknown"),
-        "tensorboard": tensorboard.__version__,
-        "supcon_tf": __version__,
+        **installed,
     }
 
 
@@ -38,10 +39,12 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def write_results(path: str, results: dict[str, Any]) -> None:
+def write_results(
+    path: str, results: dict[str, Any], versions: dict[str, str]
+) -> None:
     """Writes `results` plus versions and machine atomically to `path`."""
     payload = dict(results)
-    payload["versions"] = library_versions()
+    payload["versions"] = versions
     payload["machine"] = machine_description()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = path + ".tmp"
