@@ -132,8 +132,8 @@ def define_optimizer_flags(prefix: str = "", phase: str = "training"):
         flags.DEFINE_enum,
         prefix + "optimizer",
         "adam",
-        ["adam", "sgd"],
-        f"Optimizer of the {phase} (sgd uses --momentum).",
+        list(config_lib.OPTIMIZERS),
+        f"Optimizer of the {phase} (sgd and lars use --momentum).",
     )
     define(
         flags.DEFINE_float,
@@ -141,8 +141,56 @@ def define_optimizer_flags(prefix: str = "", phase: str = "training"):
         1e-3,
         f"Learning rate of the {phase}.",
     )
-    if not prefix:
-        define(flags.DEFINE_float, "momentum", 0.9, "Momentum for sgd.")
+    if prefix:
+        return
+    define(flags.DEFINE_float, "momentum", 0.9, "Momentum of sgd and lars.")
+    define(flags.DEFINE_bool, "nesterov", False, "Nesterov momentum.")
+    define(
+        flags.DEFINE_float,
+        "weight_decay",
+        0.0,
+        "Weight decay: decoupled (AdamW) for adam, an L2 term added to the "
+        "gradient for sgd and lars. Variables of rank 0 or 1 (biases, "
+        "batch-norm parameters) are excluded.",
+    )
+    define(
+        flags.DEFINE_enum,
+        "schedule",
+        "constant",
+        ["constant", "cosine"],
+        "Learning-rate schedule after the warm-up.",
+    )
+    define(
+        flags.DEFINE_float,
+        "warmup_epochs",
+        0.0,
+        "Epochs of linear learning-rate warm-up: step s of W warm-up steps "
+        "uses lr x (s + 1) / W.",
+    )
+    define(
+        flags.DEFINE_bool,
+        "scale_lr_by_batch",
+        False,
+        "Linear scaling rule: learning rate x global_batch_size / 256.",
+    )
+    define(
+        flags.DEFINE_float,
+        "clip_global_norm",
+        0.0,
+        "Clip the global gradient norm to this value; 0 is off.",
+    )
+    define(
+        flags.DEFINE_float,
+        "lars_trust_coefficient",
+        0.001,
+        "Trust coefficient of lars.",
+    )
+    define(
+        flags.DEFINE_float,
+        "lars_epsilon",
+        0.0,
+        "Added to the denominator of the lars trust ratio.",
+    )
 
 
 def define_run_flags(*, model_dir_required: bool = True) -> None:
@@ -204,6 +252,21 @@ def define_run_flags(*, model_dir_required: bool = True) -> None:
         "without it in our tests.",
     )
     define(
+        flags.DEFINE_enum,
+        "mixed_precision",
+        None,
+        ["float16", "bfloat16"],
+        "Compute in this dtype with float32 variables and float32 loss math "
+        "(float16 adds loss scaling). Unset: float32.",
+    )
+    define(
+        flags.DEFINE_bool,
+        "jit_compile",
+        False,
+        "Compile the pretraining forward and backward pass with XLA (one "
+        "replica, no sync batch norm).",
+    )
+    define(
         flags.DEFINE_integer,
         "steps_per_loop",
         10,
@@ -246,9 +309,12 @@ def define_probe_flags() -> None:
     define(
         flags.DEFINE_enum,
         "eval_augment",
-        "keras_example",
+        "none",
         list(augment.AUGMENT_MODES),
-        "Augmentation while the probe trains.",
+        "Augmentation while the probe trains. none runs the frozen encoder "
+        "once and trains the head on cached features; any other mode runs "
+        "the encoder on every step (the keras.io example uses "
+        "keras_example).",
     )
     define_optimizer_flags("eval_", "frozen-encoder probe")
     define(
@@ -299,11 +365,24 @@ def model_config(*, with_projection: bool) -> config_lib.ModelConfig:
 
 
 def optimizer_config(prefix: str = "") -> config_lib.OptimizerConfig:
-    return config_lib.OptimizerConfig(
-        optimizer=FLAGS[prefix + "optimizer"].value,
-        learning_rate=FLAGS[prefix + "learning_rate"].value,
-        momentum=FLAGS.momentum if "momentum" in FLAGS else 0.9,
-    )
+    settings = {
+        "optimizer": FLAGS[prefix + "optimizer"].value,
+        "learning_rate": FLAGS[prefix + "learning_rate"].value,
+    }
+    if not prefix:
+        for name in (
+            "momentum",
+            "nesterov",
+            "weight_decay",
+            "schedule",
+            "warmup_epochs",
+            "scale_lr_by_batch",
+            "clip_global_norm",
+            "lars_trust_coefficient",
+            "lars_epsilon",
+        ):
+            settings[name] = FLAGS[name].value
+    return config_lib.OptimizerConfig(**settings)
 
 
 def run_config() -> config_lib.RunConfig:
@@ -316,6 +395,8 @@ def run_config() -> config_lib.RunConfig:
         global_batch_size=FLAGS.global_batch_size,
         seed=FLAGS.seed,
         deterministic=FLAGS.deterministic,
+        mixed_precision=FLAGS.mixed_precision,
+        jit_compile=FLAGS.jit_compile,
         steps_per_loop=_positive("steps_per_loop"),
         checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=_positive("keep_checkpoints"),

@@ -28,7 +28,7 @@ job_flags.define(
     "eval_dir",
     None,
     "Where the probe's checkpoints, events and results.json go; "
-    "default MODEL_DIR/linear_eval.",
+    "default MODEL_DIR/linear_eval, or MODEL_DIR/finetune with --finetune.",
 )
 job_flags.define(
     flags.DEFINE_enum,
@@ -50,6 +50,13 @@ job_flags.define(
     "Override the pretraining run's global batch size.",
 )
 job_flags.define_probe_flags()
+job_flags.define(
+    flags.DEFINE_bool,
+    "finetune",
+    False,
+    "Train the whole encoder with the new head, starting from the "
+    "pretrained weights, instead of freezing it.",
+)
 job_flags.require_at_least("cpu_replicas", 1)
 job_flags.require_at_least("global_batch_size", 1)
 
@@ -65,13 +72,15 @@ def linear_eval() -> None:
     }
     if "strategy" in overrides and "cpu_replicas" not in overrides:
         overrides["cpu_replicas"] = 1
-    eval_dir = FLAGS.eval_dir or os.path.join(FLAGS.model_dir, "linear_eval")
+    default_name = "finetune" if FLAGS.finetune else "linear_eval"
+    eval_dir = FLAGS.eval_dir or os.path.join(FLAGS.model_dir, default_name)
     results = jobs.run_linear_eval(
         FLAGS.model_dir,
         job_flags.probe_config(),
         output_dir=eval_dir,
         run_overrides=overrides,
         flag_values=job_flags.flag_values(),
+        finetune=FLAGS.finetune,
     )
     print(f"test_accuracy {results['test_accuracy']:.4f}")
 

@@ -41,8 +41,46 @@ job_flags.define(
     "Epochs of contrastive pretraining.",
 )
 job_flags.define_probe_flags()
-for _name in ("views", "projection_dim", "pretrain_epochs"):
+job_flags.define(
+    flags.DEFINE_integer,
+    "knn_every_epochs",
+    0,
+    "Also measure kNN test accuracy every this many pretraining epochs "
+    "(it always runs at the end); 0 only at the end.",
+)
+job_flags.define(
+    flags.DEFINE_integer,
+    "knn_k",
+    200,
+    "Neighbours of the kNN monitor (cosine similarity, weighted votes).",
+)
+job_flags.define(
+    flags.DEFINE_integer,
+    "projector_examples",
+    2000,
+    "Test embeddings exported for TensorBoard's projector; 0 is off.",
+)
+job_flags.define(
+    flags.DEFINE_integer,
+    "histogram_every_steps",
+    0,
+    "Write weight histograms every this many steps; 0 is off.",
+)
+job_flags.define(
+    flags.DEFINE_bool,
+    "export",
+    True,
+    "Write MODEL_DIR/export/encoder, a SavedModel from images to "
+    "L2-normalised embeddings.",
+)
+for _name in ("views", "projection_dim", "pretrain_epochs", "knn_k"):
     job_flags.require_at_least(_name, 1)
+for _name in (
+    "knn_every_epochs",
+    "projector_examples",
+    "histogram_every_steps",
+):
+    job_flags.require_at_least(_name, 0)
 
 # List the shared flags under --help, not only under --helpfull.
 flags.adopt_module_key_flags(job_flags)
@@ -59,6 +97,13 @@ def pretrain() -> None:
         run=job_flags.run_config(),
         epochs=FLAGS.pretrain_epochs,
         probe=job_flags.probe_config(),
+        monitor=config_lib.MonitorConfig(
+            knn_every_epochs=FLAGS.knn_every_epochs,
+            knn_k=FLAGS.knn_k,
+            projector_examples=FLAGS.projector_examples,
+            histogram_every_steps=FLAGS.histogram_every_steps,
+            export=FLAGS.export,
+        ),
     )
     results = jobs.run_pretraining(config, job_flags.flag_values())
     print(f"test_accuracy {results['test_accuracy']:.4f}")

@@ -14,7 +14,8 @@ from typing import Any
 from supcon_tf.errors import UsageError
 
 LOSSES = ("supcon", "simclr", "npairs")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "lars")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +51,19 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimizer of one training phase."""
+    """Optimizer and learning-rate schedule of one training phase."""
 
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    scale_lr_by_batch: bool = False
+    clip_global_norm: float = 0.0
+    lars_trust_coefficient: float = 0.001
+    lars_epsilon: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +72,7 @@ class ClassifierConfig:
 
     head: str = "mlp"
     epochs: int = 50
-    augment: str = "keras_example"
+    augment: str = "none"
     optimizer: OptimizerConfig = OptimizerConfig()
     eval_every_epochs: int = 0
 
@@ -80,9 +89,22 @@ class RunConfig:
     global_batch_size: int = 265
     seed: int = 0
     deterministic: bool = False
+    mixed_precision: str | None = None
+    jit_compile: bool = False
     steps_per_loop: int = 10
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """What pretraining reports besides its loss."""
+
+    knn_every_epochs: int = 0
+    knn_k: int = 200
+    projector_examples: int = 2000
+    histogram_every_steps: int = 0
+    export: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +118,7 @@ class PretrainConfig:
     run: RunConfig = RunConfig()
     epochs: int = 50
     probe: ClassifierConfig = ClassifierConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +151,7 @@ def pretrain_config_from_dict(values: dict[str, Any]) -> PretrainConfig:
         run=RunConfig(**values["run"]),
         epochs=values["epochs"],
         probe=classifier_config_from_dict(values["probe"]),
+        monitor=MonitorConfig(**values.get("monitor", {})),
     )
 
 
@@ -159,6 +183,43 @@ def validate_optimizer(config: OptimizerConfig, prefix: str = "") -> None:
         raise UsageError(
             f"--momentum={config.momentum} is invalid; use a value in "
             "[0, 1), such as 0.9."
+        )
+    if config.schedule not in SCHEDULES:
+        raise UsageError(
+            f"--{prefix}schedule={config.schedule!r} is invalid; choose one "
+            f"of {', '.join(SCHEDULES)}."
+        )
+    for name in (
+        "weight_decay",
+        "warmup_epochs",
+        "clip_global_norm",
+        "lars_trust_coefficient",
+        "lars_epsilon",
+    ):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(
+                f"--{prefix}{name}={value} is invalid; use 0 (off) or a "
+                "positive number."
+            )
+
+
+def validate_run(run: RunConfig, model: ModelConfig) -> None:
+    """Rejects run settings that cannot work together."""
+    if run.mixed_precision not in (None, "float16", "bfloat16"):
+        raise UsageError(
+            f"--mixed_precision={run.mixed_precision!r} is invalid; choose "
+            "float16 or bfloat16, or leave it unset."
+        )
+    if run.jit_compile and (
+        run.strategy not in ("default", "one_device") or model.sync_batchnorm
+    ):
+        # TODO: XLA inside strategy.run cannot hold the cross-replica
+        # all-reduces of sync batch norm and the loss (merge_call in a
+        # nested tf.function); compile the whole replica step instead.
+        raise UsageError(
+            "--jit_compile works with one replica only: use "
+            "--strategy=default or one_device with --nosync_batchnorm."
         )
 
 
@@ -192,6 +253,17 @@ def validate_pretrain(config: PretrainConfig) -> None:
     _check_positive(config.loss.temperature, "--temperature", "0.05 or 0.1")
     _check_at_least(config.epochs, 1, "--pretrain_epochs")
     validate_optimizer(config.optimizer)
+    if config.optimizer.warmup_epochs > config.epochs:
+        raise UsageError(
+            f"--warmup_epochs={config.optimizer.warmup_epochs} is longer than "
+            f"--pretrain_epochs={config.epochs}; shorten the warm-up."
+        )
+    validate_run(config.run, config.model)
+    monitor = config.monitor
+    _check_at_least(monitor.knn_every_epochs, 0, "--knn_every_epochs")
+    _check_at_least(monitor.knn_k, 1, "--knn_k")
+    _check_at_least(monitor.projector_examples, 0, "--projector_examples")
+    _check_at_least(monitor.histogram_every_steps, 0, "--histogram_every_steps")
     validate_classifier(
         config.probe, epochs_flag="--eval_epochs", prefix="eval_"
     )
@@ -199,3 +271,4 @@ def validate_pretrain(config: PretrainConfig) -> None:
 
 def validate_baseline(config: BaselineConfig) -> None:
     validate_classifier(config.classifier, epochs_flag="--epochs", prefix="")
+    validate_run(config.run, config.model)

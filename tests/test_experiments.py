@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -62,6 +63,9 @@ def pretrain_run(cifar_dir, tmp_path_factory):
         "--strategy=mirrored",
         "--cpu_replicas=2",
         *QUICK,
+        "--knn_every_epochs=1",
+        "--histogram_every_steps=20",
+        "--projector_examples=50",
     )
     return model_dir, process
 
@@ -95,11 +99,76 @@ def test_pretrain_writes_event_files(pretrain_run):
     ]:
         assert tag in train_tags
     assert {"eval/top1", "eval/top5"} <= eval_tags
+    for name in [
+        "positive_cosine",
+        "negative_cosine",
+        "alignment",
+        "uniformity",
+        "feature_std",
+    ]:
+        assert f"diagnostics/{name}" in train_tags
+    knn_steps = [
+        event.step for event in _events(model_dir, "eval", "eval/knn_top1")
+    ]
+    # Epoch 1 from --knn_every_epochs=1, then the end of pretraining.
+    assert knn_steps == [25, 50]
+    images = _image_tags(os.path.join(model_dir, "train"))
+    assert "augment/view_pairs" in images
+    assert "eval/confusion_matrix" in _image_tags(
+        os.path.join(model_dir, "eval")
+    )
+    histograms = [tag for tag in train_tags if tag.startswith("weights/")]
+    assert histograms
     steps = [event.step for event in train.Tensors("loss/supcon")]
     # One event per tf.function call of 2 steps; a call never crosses the
     # end of an epoch (25 steps).
     expected = list(range(2, 25, 2)) + [25] + list(range(27, 50, 2)) + [50]
     assert steps == expected
+
+
+def _events(model_dir, run, tag):
+    accumulator, _ = _scalars(os.path.join(model_dir, run))
+    return accumulator.Tensors(tag)
+
+
+def _image_tags(log_dir):
+    accumulator = event_accumulator.EventAccumulator(
+        log_dir, size_guidance={event_accumulator.TENSORS: 0}
+    )
+    accumulator.Reload()
+    return {
+        tag
+        for tag in accumulator.Tags()["tensors"]
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "images"
+    }
+
+
+def test_pretrain_exports_encoder_and_projector(pretrain_run):
+    model_dir, _ = pretrain_run
+    exported = tf.saved_model.load(os.path.join(model_dir, "export", "encoder"))
+    images = tf.zeros([2, 32, 32, 3], tf.uint8)
+    embeddings = exported.signatures["serving_default"](images=images)
+    norms = np.linalg.norm(embeddings["embeddings"].numpy(), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    with open(os.path.join(model_dir, "projector", "metadata.tsv")) as f:
+        assert len(f.read().splitlines()) == 50 + 1
+    assert os.path.exists(
+        os.path.join(model_dir, "projector", "projector_config.pbtxt")
+    )
+
+
+def test_pretrain_reports_knn_and_per_class(pretrain_run):
+    model_dir, _ = pretrain_run
+    with open(os.path.join(model_dir, "results.json")) as stream:
+        results = json.load(stream)
+    assert 0.0 <= results["knn_top1"] <= 1.0
+    assert results["probe_mode"] == "cached"
+    assert results["probe_feature_seconds"] > 0
+    assert len(results["test_per_class_accuracy"]) == 10
+    matrix = np.array(results["test_confusion_matrix"])
+    assert matrix.shape == (10, 10)
+    assert matrix.sum() == 123
+    assert np.trace(matrix) / 123 == pytest.approx(results["test_accuracy"])
 
 
 def test_pretrain_writes_checkpoints(pretrain_run):
@@ -163,6 +232,50 @@ def test_linear_eval_reuses_pretraining(pretrain_run):
     ].endswith("ckpt-75")
     assert results["test_examples"] == 123
     assert results["probe_config"]["head"] == "linear"
+
+
+def test_finetune_trains_the_encoder(pretrain_run):
+    model_dir, _ = pretrain_run
+    _run(
+        "linear_eval",
+        f"--model_dir={model_dir}",
+        "--eval_epochs=1",
+        "--eval_head=linear",
+        "--finetune",
+    )
+    with open(os.path.join(model_dir, "finetune", "results.json")) as f:
+        results = json.load(f)
+    assert results["finetune"] is True
+    assert results["finetune_mode"] == "recomputed"
+    assert results["finetune_steps"] == 25
+    reader = tf.train.load_checkpoint(
+        os.path.join(model_dir, "finetune", "checkpoints", "finetune")
+    )
+    # The checkpoint holds the encoder, which only a fine-tune saves.
+    assert any(
+        name.startswith("encoder/")
+        for name in reader.get_variable_to_shape_map()
+    )
+
+
+def test_compare_writes_table(cifar_dir, tmp_path):
+    _run(
+        "compare",
+        f"--model_dir={tmp_path}",
+        f"--data_dir={cifar_dir}",
+        "--encoder=small_cnn",
+        "--global_batch_size=8",
+        "--baseline_epochs=1",
+        "--pretrain_epochs=1",
+        "--eval_epochs=1",
+    )
+    with open(tmp_path / "compare.json") as stream:
+        rows = json.load(stream)["rows"]
+    assert [row["epochs"] for row in rows] == ["1", "1 + 1"]
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| experiment | test top-1")
+    assert len(table) == 4
+    assert f"{rows[0]['test_accuracy']:.4f}" in table[2]
 
 
 def test_baseline_trains_end_to_end(cifar_dir, tmp_path):

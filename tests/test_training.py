@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import models, optim
+from supcon_tf import models, optim, precision
 from supcon_tf.config import LossConfig, OptimizerConfig
 from supcon_tf.data import pipeline
 from supcon_tf.data.sources import ArraySplit
@@ -260,30 +260,113 @@ def test_frozen_encoder_step_trains_only_head(mirrored):
     )
 
 
-@pytest.mark.parametrize(
-    "num_examples, num_replicas",
-    # 13 = 8 + 5: one replica of two gets a short batch. 9 = 8 + 1: three
-    # replicas of four get nothing but padding in the last batch.
-    [(13, 2), (9, 4)],
-)
-def test_eval_counts_every_example_once(num_examples, num_replicas, mirrored):
-    split = _split(num_examples=num_examples)
-    strategy = mirrored(num_replicas)
-    encoder, _, _ = _build(strategy)
-    with strategy.scope():
-        head = models.build_classifier_head(
-            "linear", input_dim=32, num_classes=3
-        )
-    evaluate = steps.make_eval_loop(
-        strategy, steps.make_eval_step(encoder, head)
-    )
-    dataset = strategy.distribute_datasets_from_function(
-        pipeline.make_eval_dataset_fn(split, global_batch_size=GLOBAL_BATCH)
-    )
-    sums = evaluate(dataset)
-    assert sums["count"] == float(num_examples)
+@pytest.fixture
+def float32_after():
+    """Restores the float32 Keras policy after a mixed-precision test."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
-    images = split.images.astype("float32") / 255.0
-    logits = head(encoder(images, training=False), training=False)
-    expected_top1 = np.sum(np.argmax(logits, axis=1) == split.labels)
-    assert sums["top1"] == float(expected_top1)
+
+def _pretrain_losses(
+    strategy,
+    split,
+    num_steps,
+    *,
+    mixed_precision=None,
+    jit_compile=False,
+    sync_batchnorm=True,
+):
+    precision.set_policy(mixed_precision)
+    keras.utils.set_random_seed(2)
+    with strategy.scope():
+        encoder = models.build_encoder(
+            "small_cnn",
+            image_shape=(16, 16, 3),
+            channel_mean=[0.5] * 3,
+            channel_std=[0.25] * 3,
+            sync_batchnorm=sync_batchnorm,
+        )
+        head = models.build_projection_head("mlp", input_dim=32, output_dim=8)
+    variables = encoder.trainable_variables + head.trainable_variables
+    optimizer = optim.make_optimizer(OptimizerConfig(), strategy, variables)
+    optimizer = precision.wrap_optimizer(
+        optimizer, strategy, variables, mixed_precision
+    )
+    replica_step = steps.make_pretrain_step(
+        encoder,
+        head,
+        optimizer,
+        steps.make_contrastive_loss_fn(LossConfig("supcon", 0.1)),
+        GLOBAL_BATCH,
+        jit_compile=jit_compile,
+    )
+    dataset_fn = pipeline.make_train_dataset_fn(
+        split,
+        global_batch_size=GLOBAL_BATCH,
+        num_views=2,
+        augment="supcon",
+        seed=0,
+        num_epochs=2,
+    )
+    loop = steps.make_train_loop(strategy, replica_step)
+    return _run_steps(strategy, loop, dataset_fn, num_steps)
+
+
+def test_float16_overflow_on_one_replica_skips_all(mirrored, float32_after):
+    strategy = mirrored(2)
+    precision.set_policy("float16")
+    with strategy.scope():
+        variable = tf.Variable([1.0, 2.0])
+    optimizer = precision.wrap_optimizer(
+        optim.make_optimizer(
+            OptimizerConfig("sgd", learning_rate=0.1), strategy, [variable]
+        ),
+        strategy,
+        [variable],
+        "float16",
+    )
+
+    def replica_step():
+        context = tf.distribute.get_replica_context()
+        overflowed = tf.equal(context.replica_id_in_sync_group, 1)
+        gradient = tf.where(overflowed, float("inf"), tf.ones([2]))
+        gradients = steps._share_overflow(optimizer, [gradient])
+        optimizer.apply_gradients(zip(gradients, [variable], strict=True))
+
+    tf.function(lambda: strategy.run(replica_step))()
+
+    # Only replica 1 overflowed, yet neither replica applied the step.
+    for copy in variable.values:
+        np.testing.assert_array_equal(copy.numpy(), [1.0, 2.0])
+    assert optimizer.dynamic_scale.numpy() < 2.0**15
+
+
+def test_float16_pretraining_stays_finite(mirrored, float32_after):
+    losses = _pretrain_losses(
+        mirrored(2), _split(), 8, mixed_precision="float16"
+    )
+    assert np.all(np.isfinite(losses))
+
+
+def test_bfloat16_loss_close_to_float32(float32_after):
+    strategy = tf.distribute.get_strategy()
+    full = _pretrain_losses(strategy, _split(), 1, sync_batchnorm=False)
+    half = _pretrain_losses(
+        strategy,
+        _split(),
+        1,
+        mixed_precision="bfloat16",
+        sync_batchnorm=False,
+    )
+    # bfloat16 keeps 8 mantissa bits; the first loss differs by rounding.
+    np.testing.assert_allclose(half, full, rtol=0.05)
+    assert half != full
+
+
+def test_jit_compile_matches_graph_step():
+    strategy = tf.distribute.get_strategy()
+    graph = _pretrain_losses(strategy, _split(), 3, sync_batchnorm=False)
+    compiled = _pretrain_losses(
+        strategy, _split(), 3, jit_compile=True, sync_batchnorm=False
+    )
+    np.testing.assert_allclose(compiled, graph, rtol=1e-4)

@@ -108,7 +108,7 @@ def make_train_dataset_fn(
         return views, tf.gather(labels, indices)
 
     def dataset_fn(input_context):
-        lo, hi, per_replica_batch_size = _pipeline_columns(
+        lo, hi, per_replica_batch_size = pipeline_columns(
             input_context, global_batch_size
         )
         first_epoch, skip_steps = divmod(start_step, steps)
@@ -161,7 +161,7 @@ def make_eval_dataset_fn(
         return batch_images, tf.gather(labels, indices), weights
 
     def dataset_fn(input_context):
-        lo, hi, per_replica_batch_size = _pipeline_columns(
+        lo, hi, per_replica_batch_size = pipeline_columns(
             input_context, global_batch_size
         )
         positions = np.arange(num_steps * global_batch_size)
@@ -188,8 +188,12 @@ def _host_tensors(split: ArraySplit) -> tuple[tf.Tensor, tf.Tensor]:
     return images, labels
 
 
-def _pipeline_columns(input_context, global_batch_size):
-    """Return this pipeline's columns `lo, hi` and the per-replica batch."""
+def pipeline_columns(input_context, global_batch_size):
+    """Return this pipeline's columns `lo, hi` and the per-replica batch.
+
+    Pipeline `p` of `P` takes columns `[p * G / P, (p + 1) * G / P)` of
+    each global batch of size `G`.
+    """
     num_pipelines = input_context.num_input_pipelines
     num_replicas = input_context.num_replicas_in_sync
     if global_batch_size % num_replicas or num_replicas % num_pipelines:

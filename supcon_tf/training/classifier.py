@@ -2,16 +2,19 @@
 
 import dataclasses
 import os
+import time
+from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from supcon_tf import models, optim
+from supcon_tf import evaluation, models, optim, precision
 from supcon_tf.config import ClassifierConfig
 from supcon_tf.data import pipeline
 from supcon_tf.data.sources import ArraySplit, DatasetSplits
-from supcon_tf.training import steps
+from supcon_tf.training import steps, visuals
 from supcon_tf.training.checkpoints import PhaseCheckpoint
 from supcon_tf.training.loop import Phase, PhaseStats, run_phase
 from supcon_tf.training.summaries import SummaryWriters
@@ -30,6 +33,8 @@ class RunContext:
     checkpoint_every_steps: int
     keep_checkpoints: int
     writers: SummaryWriters | None
+    mixed_precision: str | None = None
+    jit_compile: bool = False
 
 
 def evaluate(
@@ -37,24 +42,44 @@ def evaluate(
     encoder: keras.Model,
     head: keras.Model,
     split: ArraySplit,
-) -> dict[str, float]:
-    """Top-1, top-5 and mean loss over every example of `split` once."""
-    dataset = context.strategy.distribute_datasets_from_function(
-        pipeline.make_eval_dataset_fn(
-            split, global_batch_size=context.global_batch_size
+    features: evaluation.FeatureCache | None = None,
+) -> dict[str, Any]:
+    """Evaluates every example of `split` once.
+
+    Args:
+      features: The encoder's features of `split` when they are cached
+        already (frozen encoder); otherwise the encoder runs now.
+
+    Returns:
+      `top1`, `top5`, mean cross-entropy `loss`, `count`,
+      `per_class_accuracy` and `confusion_matrix` (rows: true class).
+    """
+    if features is None:
+        features = evaluation.extract_features(
+            context.strategy,
+            encoder,
+            split,
+            global_batch_size=context.global_batch_size,
         )
+    logits = evaluation.predict_cached(
+        context.strategy,
+        head,
+        features,
+        global_batch_size=context.global_batch_size,
     )
-    evaluate_fn = steps.make_eval_loop(
-        context.strategy, steps.make_eval_step(encoder, head)
+    metrics = evaluation.classification_metrics(
+        logits, features.labels, context.splits.num_classes
     )
-    sums = evaluate_fn(dataset)
-    count = sums["count"]
-    return {
-        "top1": sums["top1"] / count,
-        "top5": sums["top5"] / count,
-        "loss": sums["loss"] / count,
-        "count": count,
-    }
+    metrics["loss"] = _mean_cross_entropy(logits, features.labels)
+    metrics["count"] = len(features.labels)
+    return metrics
+
+
+def _mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
 def train_classifier(
@@ -65,12 +90,20 @@ def train_classifier(
     train_encoder: bool,
     checkpoint_dir: str,
     name: str,
+    features: tuple | None = None,
+    feature_seconds: float | None = None,
 ) -> tuple[PhaseStats, dict[str, float]]:
     """Trains a classifier head (and the encoder if asked), then evaluates.
 
+    With a frozen encoder and no augmentation the encoder runs once over
+    train and test and the head trains on the cached features; otherwise
+    the encoder runs on every step. `features`, a `(train, test)` pair of
+    `evaluation.FeatureCache`, reuses caches that the caller extracted in
+    `feature_seconds`.
+
     Returns:
-      The phase statistics and the test metrics (`top1`, `top5`, `loss`,
-      `count`).
+      The phase statistics and the test metrics from `evaluate`, plus
+      `mode` (`cached` or `recomputed`) and `feature_seconds`.
     """
     splits = context.splits
     strategy = context.strategy
@@ -84,19 +117,60 @@ def train_classifier(
     variables = list(head.trainable_variables)
     if train_encoder:
         variables = encoder.trainable_variables + variables
-    optimizer = optim.make_optimizer(config.optimizer, strategy, variables)
+    steps_per_epoch = pipeline.steps_per_epoch(
+        len(splits.train.labels), context.global_batch_size
+    )
+    optimizer = optim.make_optimizer(
+        config.optimizer,
+        strategy,
+        variables,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs,
+        global_batch_size=context.global_batch_size,
+    )
+    optimizer = precision.wrap_optimizer(
+        optimizer, strategy, variables, context.mixed_precision
+    )
     checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, step=step)
     if train_encoder:
         checkpoint.encoder = encoder
 
+    cached = not train_encoder and config.augment == "none"
+    train_features = test_features = None
+    if cached and features is None:
+        started = time.perf_counter()
+        features = (
+            _extract(context, encoder, splits.train),
+            _extract(context, encoder, splits.test),
+        )
+        feature_seconds = time.perf_counter() - started
+    if cached:
+        train_features, test_features = features
+        logging.info(
+            "%s: cached encoder features of %d train and %d test examples "
+            "in %.1f s; the head trains on the cache.",
+            name,
+            len(train_features.labels),
+            len(test_features.labels),
+            feature_seconds,
+        )
     replica_step = steps.make_classifier_step(
-        encoder, head, optimizer, context.global_batch_size, train_encoder
-    )
-    steps_per_epoch = pipeline.steps_per_epoch(
-        len(splits.train.labels), context.global_batch_size
+        evaluation.cached_encoder if cached else encoder,
+        head,
+        optimizer,
+        context.global_batch_size,
+        train_encoder,
     )
 
     def dataset_fn_for_step(start_step: int):
+        if cached:
+            return evaluation.make_cached_train_dataset_fn(
+                train_features,
+                context.global_batch_size,
+                config.epochs,
+                context.seed + 1,
+                start_step=start_step,
+            )
         return pipeline.make_train_dataset_fn(
             splits.train,
             global_batch_size=context.global_batch_size,
@@ -107,10 +181,15 @@ def train_classifier(
             start_step=start_step,
         )
 
+    def evaluate_and_log() -> dict[str, Any]:
+        return _evaluate_and_log(
+            context, encoder, head, name, int(step.numpy()), test_features
+        )
+
     def on_epoch_end(epoch: int) -> None:
         every = config.eval_every_epochs
         if every and epoch % every == 0 and epoch < config.epochs:
-            _evaluate_and_log(context, encoder, head, name, int(step.numpy()))
+            evaluate_and_log()
 
     phase = Phase(
         name=name,
@@ -135,7 +214,9 @@ def train_classifier(
         on_epoch_end=on_epoch_end,
     )
     stats = run_phase(phase)
-    metrics = _evaluate_and_log(context, encoder, head, name, int(step.numpy()))
+    metrics = evaluate_and_log()
+    metrics["mode"] = "cached" if cached else "recomputed"
+    metrics["feature_seconds"] = feature_seconds if cached else None
     return stats, metrics
 
 
@@ -149,8 +230,19 @@ def _classifier_tags(name: str) -> dict[str, str]:
     }
 
 
-def _evaluate_and_log(context, encoder, head, name, step) -> dict[str, float]:
-    metrics = evaluate(context, encoder, head, context.splits.test)
+def _extract(context, encoder, split) -> evaluation.FeatureCache:
+    return evaluation.extract_features(
+        context.strategy,
+        encoder,
+        split,
+        global_batch_size=context.global_batch_size,
+    )
+
+
+def _evaluate_and_log(
+    context, encoder, head, name, step, features=None
+) -> dict[str, Any]:
+    metrics = evaluate(context, encoder, head, context.splits.test, features)
     logging.info(
         "%s: test top-1 %.4f, top-5 %.4f, loss %.4f on %d examples (step %d).",
         name,
@@ -166,6 +258,12 @@ def _evaluate_and_log(context, encoder, head, name, step) -> dict[str, float]:
             "eval/top5": metrics["top5"],
             f"eval/loss_{name}": metrics["loss"],
         },
+        step,
+    )
+    visuals.write_confusion_matrix(
+        context.writers.eval,
+        np.asarray(metrics["confusion_matrix"]),
+        context.splits.class_names,
         step,
     )
     return metrics

@@ -8,6 +8,7 @@ was.
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import keras
@@ -15,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from supcon_tf import config as config_lib
-from supcon_tf import distribute, models
+from supcon_tf import distribute, models, precision
 from supcon_tf.config import (
     BaselineConfig,
     ClassifierConfig,
@@ -26,7 +27,7 @@ from supcon_tf.config import (
 )
 from supcon_tf.data import sources
 from supcon_tf.errors import UsageError
-from supcon_tf.training import run_dir
+from supcon_tf.training import monitor, run_dir
 from supcon_tf.training.classifier import (
     RunContext,
     checkpoint_path,
@@ -54,6 +55,7 @@ _BASELINE_KEYS = _TRAINING_KEYS + (
 )
 _LINEAR_EVAL_KEYS = (
     "pretrain_model_dir",
+    "finetune",
     "probe.head",
     "probe.augment",
     "probe.optimizer",
@@ -74,6 +76,7 @@ def _start(run: RunConfig, data: DataConfig) -> RunContext:
     per_replica = distribute.check_global_batch_size(
         run.global_batch_size, strategy.num_replicas_in_sync
     )
+    precision.set_policy(run.mixed_precision)
     keras.utils.set_random_seed(run.seed)
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -106,6 +109,8 @@ def _start(run: RunConfig, data: DataConfig) -> RunContext:
         checkpoint_every_steps=run.checkpoint_every_steps,
         keep_checkpoints=run.keep_checkpoints,
         writers=None,
+        mixed_precision=run.mixed_precision,
+        jit_compile=run.jit_compile,
     )
 
 
@@ -171,12 +176,16 @@ def _phase_results(
     return results
 
 
-def _test_results(metrics: dict[str, float]) -> dict[str, Any]:
+def _test_results(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {
         "test_accuracy": metrics["top1"],
         "test_top5_accuracy": metrics["top5"],
         "test_loss": metrics["loss"],
         "test_examples": int(metrics["count"]),
+        "test_per_class_accuracy": metrics["per_class_accuracy"],
+        "test_confusion_matrix": metrics["confusion_matrix"],
+        f"{prefix}_mode": metrics["mode"],
+        f"{prefix}_feature_seconds": metrics["feature_seconds"],
     }
 
 
@@ -200,13 +209,30 @@ def run_pretraining(
         _PRETRAIN_KEYS,
     )
     encoder = _build_encoder(context, config.model)
+    monitor_config = config.monitor
 
-    pretrain_stats = run_phase(make_pretrain_phase(context, config, encoder))
+    phase = make_pretrain_phase(context, config, encoder)
+    phase.on_epoch_end = _knn_every(context, encoder, monitor_config, phase)
+    phase.on_call_end = monitor.histogram_writer(
+        context, [encoder], monitor_config.histogram_every_steps
+    )
+    if int(phase.step.numpy()) == 0:
+        monitor.write_view_pairs(
+            context, config.data.augment, config.data.num_views, config.run.seed
+        )
+    pretrain_stats = run_phase(phase)
     if pretrain_stats.examples_per_second:
         logging.info(
             "pretrain: %.1f examples/s after the first call.",
             pretrain_stats.examples_per_second,
         )
+
+    started = time.perf_counter()
+    caches = monitor.extract_train_and_test(context, encoder)
+    feature_seconds = time.perf_counter() - started
+    knn = monitor.knn_accuracy(
+        context, encoder, monitor_config, pretrain_stats.end_step, caches
+    )
     probe_stats, metrics = train_classifier(
         context,
         encoder,
@@ -214,17 +240,45 @@ def run_pretraining(
         train_encoder=False,
         checkpoint_dir=checkpoint_path(model_dir, "probe"),
         name="probe",
+        features=caches,
+        feature_seconds=feature_seconds,
+    )
+    if monitor_config.export:
+        monitor.export_encoder(
+            context, encoder, os.path.join(model_dir, "export", "encoder")
+        )
+    monitor.write_projector(
+        context,
+        caches[1],
+        os.path.join(model_dir, "projector"),
+        monitor_config.projector_examples,
     )
     results = {
         "job": "pretrain",
-        **_test_results(metrics),
+        **_test_results(metrics, "probe"),
         **_phase_results("pretrain", pretrain_stats, previous),
         **_phase_results("probe", probe_stats, previous),
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
         "config": config_lib.to_dict(config),
         "flags": flag_values or {},
     }
+    monitor.write_hparams(context, model_dir, config, results)
     _finish(context, model_dir, results, versions)
     return results
+
+
+def _knn_every(context, encoder, monitor_config, phase):
+    """Returns the epoch-end callback that runs the kNN monitor."""
+    every = monitor_config.knn_every_epochs
+
+    def on_epoch_end(epoch: int) -> None:
+        step = epoch * phase.steps_per_epoch
+        # The end of pretraining runs the monitor anyway.
+        if every and epoch % every == 0 and step < phase.total_steps:
+            monitor.knn_accuracy(context, encoder, monitor_config, step)
+
+    return on_epoch_end
 
 
 def run_linear_eval(
@@ -234,8 +288,11 @@ def run_linear_eval(
     output_dir: str,
     run_overrides: dict[str, Any] | None = None,
     flag_values: dict[str, Any] | None = None,
+    finetune: bool = False,
 ) -> dict[str, Any]:
     """Trains and evaluates a probe on the latest pretraining checkpoint.
+
+    With `finetune`, the encoder trains too, starting from the checkpoint.
 
     The data and encoder settings come from `model_dir/config.json`;
     `run_overrides` replaces fields of its run settings (strategy, batch).
@@ -260,6 +317,7 @@ def run_linear_eval(
     context = _start(run, saved.data)
     settings = {
         "pretrain_model_dir": os.path.abspath(model_dir),
+        "finetune": finetune,
         "probe": config_lib.to_dict(probe),
         "run": config_lib.to_dict(run),
     }
@@ -274,19 +332,21 @@ def run_linear_eval(
     encoder = _build_encoder(context, saved.model)
     tf.train.Checkpoint(encoder=encoder).restore(latest).expect_partial()
     logging.info("Restored the encoder from %s.", latest)
+    name = "finetune" if finetune else "probe"
     stats, metrics = train_classifier(
         context,
         encoder,
         probe,
-        train_encoder=False,
-        checkpoint_dir=checkpoint_path(output_dir, "probe"),
-        name="probe",
+        train_encoder=finetune,
+        checkpoint_dir=checkpoint_path(output_dir, name),
+        name=name,
     )
     results = {
         "job": "linear_eval",
+        "finetune": finetune,
         "pretrain_checkpoint": latest,
-        **_test_results(metrics),
-        **_phase_results("probe", stats, previous),
+        **_test_results(metrics, name),
+        **_phase_results(name, stats, previous),
         "probe_config": config_lib.to_dict(probe),
         "flags": flag_values or {},
     }
@@ -320,7 +380,7 @@ def run_baseline(
     )
     results = {
         "job": "baseline",
-        **_test_results(metrics),
+        **_test_results(metrics, "baseline"),
         **_phase_results("baseline", stats, previous),
         "config": config_lib.to_dict(config),
         "flags": flag_values or {},

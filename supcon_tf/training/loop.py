@@ -37,6 +37,7 @@ class Phase:
         and `examples_per_sec`, to its TensorBoard tag.
       learning_rate: Returns the current learning rate for logging.
       on_epoch_end: Called with the finished epoch number (1-based).
+      on_call_end: Called with the global step after each train-loop call.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Phase:
     steps_per_loop: int = 10
     checkpoint_every_steps: int = 0
     on_epoch_end: Callable[[int], None] | None = None
+    on_call_end: Callable[[int], None] | None = None
 
 
 @dataclasses.dataclass
@@ -125,6 +127,8 @@ def run_phase(phase: Phase) -> PhaseStats:
         _log_progress(phase, stop, stop - step, seconds, metrics)
         step = stop
         phase.step.assign(step)
+        if phase.on_call_end:
+            phase.on_call_end(step)
         if step % phase.steps_per_epoch == 0 and phase.on_epoch_end:
             phase.on_epoch_end(step // phase.steps_per_epoch)
         if _should_save(step, phase):
@@ -143,6 +147,10 @@ def run_phase(phase: Phase) -> PhaseStats:
     )
 
 
+# The log line shows these; TensorBoard gets every metric.
+_LOGGED_METRICS = ("loss", "accuracy")
+
+
 def _log_progress(phase, step, num_steps, seconds, metrics) -> None:
     steps_per_second = num_steps / seconds
     examples_per_second = steps_per_second * phase.examples_per_step
@@ -152,7 +160,11 @@ def _log_progress(phase, step, num_steps, seconds, metrics) -> None:
         phase.name,
         step,
         phase.total_steps,
-        ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
+        ", ".join(
+            f"{name} {value:.4f}"
+            for name, value in metrics.items()
+            if name in _LOGGED_METRICS
+        ),
         learning_rate,
         steps_per_second,
         examples_per_second,

@@ -3,12 +3,13 @@
 import keras
 import tensorflow as tf
 
-from supcon_tf import models, optim
+from supcon_tf import models, optim, precision
 from supcon_tf.config import PretrainConfig
 from supcon_tf.data import pipeline
 from supcon_tf.training import steps
 from supcon_tf.training.checkpoints import PhaseCheckpoint
 from supcon_tf.training.classifier import RunContext, checkpoint_path
+from supcon_tf.training.diagnostics import DIAGNOSTIC_NAMES
 from supcon_tf.training.loop import Phase
 
 
@@ -25,7 +26,20 @@ def make_pretrain_phase(
         )
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     variables = encoder.trainable_variables + head.trainable_variables
-    optimizer = optim.make_optimizer(config.optimizer, strategy, variables)
+    steps_per_epoch = pipeline.steps_per_epoch(
+        len(context.splits.train.labels), config.run.global_batch_size
+    )
+    optimizer = optim.make_optimizer(
+        config.optimizer,
+        strategy,
+        variables,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs,
+        global_batch_size=config.run.global_batch_size,
+    )
+    optimizer = precision.wrap_optimizer(
+        optimizer, strategy, variables, context.mixed_precision
+    )
     checkpoint = tf.train.Checkpoint(
         encoder=encoder, projection_head=head, optimizer=optimizer, step=step
     )
@@ -35,11 +49,9 @@ def make_pretrain_phase(
         optimizer,
         steps.make_contrastive_loss_fn(config.loss),
         config.run.global_batch_size,
+        jit_compile=config.run.jit_compile,
     )
     splits = context.splits
-    steps_per_epoch = pipeline.steps_per_epoch(
-        len(splits.train.labels), config.run.global_batch_size
-    )
 
     def dataset_fn_for_step(start_step: int):
         return pipeline.make_train_dataset_fn(
@@ -69,6 +81,7 @@ def make_pretrain_phase(
         steps_per_epoch=steps_per_epoch,
         examples_per_step=config.run.global_batch_size,
         tags={
+            **{name: f"diagnostics/{name}" for name in DIAGNOSTIC_NAMES},
             "loss": f"loss/{config.loss.loss}",
             "lr": "lr",
             "steps_per_sec": "perf/steps_per_sec",

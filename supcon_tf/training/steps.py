@@ -14,6 +14,7 @@ import tensorflow as tf
 from supcon_tf import losses
 from supcon_tf.config import LossConfig
 from supcon_tf.errors import UsageError
+from supcon_tf.training.diagnostics import embedding_diagnostics
 
 ReplicaStep = Callable[..., dict[str, tf.Tensor]]
 
@@ -50,23 +51,50 @@ def _regularization(models: list[keras.Model], num_replicas: int):
     return tf.add_n(terms) / num_replicas
 
 
+def _share_overflow(optimizer, gradients: list) -> list:
+    """Makes a float16 gradient overflow on any replica skip every replica.
+
+    Keras 3.15's LossScaleOptimizer decides per replica whether to skip a
+    step, and assumes the gradients it sees are already all-reduced. In a
+    custom loop they are not, so one replica's overflow would reach the
+    summed update as NaN. Every replica therefore turns its gradients into
+    NaN when any replica overflowed, and all skip the step together.
+    """
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return gradients
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return gradients
+    finite = tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+    )
+    overflows = context.all_reduce("SUM", tf.cast(~finite, tf.float32))
+    return [
+        tf.where(overflows > 0, tf.constant(float("nan"), g.dtype), g)
+        for g in gradients
+    ]
+
+
 def make_pretrain_step(
     encoder: keras.Model,
     projection_head: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     loss_fn: Callable,
     global_batch_size: int,
+    *,
+    jit_compile: bool = False,
 ) -> ReplicaStep:
     """Builds the replica step of contrastive pretraining.
 
     The step trains on this replica's share of the global batch; the loss
-    draws its negatives from the whole global batch.
+    draws its negatives from the whole global batch. With `jit_compile`,
+    XLA compiles the forward and backward pass (not the optimizer update).
     """
     variables = (
         encoder.trainable_variables + projection_head.trainable_variables
     )
 
-    def replica_step(views, labels):
+    def forward_backward(views, labels):
         shape = tf.shape(views)
         batch_size, num_views = shape[0], views.shape[1]
         images = tf.reshape(views, tf.concat([[-1], shape[2:]], axis=0))
@@ -79,11 +107,25 @@ def make_pretrain_step(
             loss = tf.reduce_sum(per_example) / global_batch_size
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             total = loss + _regularization([encoder, projection_head], replicas)
+            scaled = optimizer.scale_loss(total)
 
-        gradients = tape.gradient(total, variables)
+        gradients = tape.gradient(scaled, variables)
+        return loss, gradients, tf.stop_gradient(features)
+
+    if jit_compile:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(views, labels):
+        loss, gradients, features = forward_backward(views, labels)
+        gradients = _share_overflow(optimizer, gradients)
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
 
-        return {"loss": loss}
+        # Diagnostics of this replica's rows; the loop sums over replicas.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        metrics = {"loss": loss}
+        for name, value in embedding_diagnostics(features, labels).items():
+            metrics[name] = value / replicas
+        return metrics
 
     return replica_step
 
@@ -136,28 +178,15 @@ def make_classifier_step(
             loss = sums["loss"] / global_batch_size
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             total = loss + _regularization(models, replicas)
+            scaled = optimizer.scale_loss(total)
 
-        gradients = tape.gradient(total, variables)
+        gradients = _share_overflow(optimizer, tape.gradient(scaled, variables))
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
 
         return {
             "loss": loss,
             "accuracy": sums["top1"] / global_batch_size,
         }
-
-    return replica_step
-
-
-def make_eval_step(encoder: keras.Model, head: keras.Model) -> ReplicaStep:
-    """Builds a step that sums loss and hits over a padded eval batch.
-
-    Padding examples have weight 0, so they add nothing.
-    """
-
-    def replica_step(images, labels, weights):
-        embeddings = encoder(images, training=False)
-        logits = head(embeddings, training=False)
-        return _classification_sums(logits, labels, weights)
 
     return replica_step
 
@@ -190,26 +219,3 @@ def make_train_loop(
         return {name: total / steps for name, total in totals.items()}
 
     return train_loop
-
-
-def make_eval_loop(
-    strategy: tf.distribute.Strategy, replica_step: ReplicaStep
-) -> Callable:
-    """Returns `fn(distributed_dataset) -> dict` of summed eval counts."""
-
-    @tf.function
-    def eval_batch(inputs):
-        per_replica = strategy.run(replica_step, args=inputs)
-        return {
-            name: strategy.reduce("SUM", value, axis=None)
-            for name, value in per_replica.items()
-        }
-
-    def evaluate(distributed_dataset) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for inputs in distributed_dataset:
-            for name, value in eval_batch(inputs).items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        return totals
-
-    return evaluate
