@@ -422,6 +422,9 @@ def _load_folder(
     data_dir, image_size, max_train_examples, max_test_examples,
     test_fraction, seed,
 ) -> DatasetSplits:  # fmt: skip
+    # TODO: every image is decoded into one in-memory uint8 array, which
+    # suits CIFAR-sized sets; folders larger than memory need a streaming
+    # source that decodes per batch.
     if data_dir is None:
         raise UsageError("--dataset=folder needs --data_dir: an image folder.")
     if not os.path.isdir(data_dir):

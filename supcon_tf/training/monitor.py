@@ -149,7 +149,14 @@ def write_hparams(
 
 
 def histogram_writer(context: RunContext, models: list, every: int):
-    """Returns `fn(step)` that writes weight histograms every `every` steps."""
+    """Returns `fn(step)` that writes weight histograms every `every` steps.
+
+    TODO: gradient-norm histograms. The gradients live inside the train
+    loop's `tf.function`, and the global gradient exists only inside the
+    optimizer's all-reduce; norms of replica-local gradients would be wrong
+    for more than one replica, and an extra backward pass on the host
+    would move the batch-norm statistics.
+    """
     last = {"step": 0}
 
     def write(step: int) -> None:
