@@ -5,6 +5,7 @@ functions read them into frozen config objects. The library never reads a
 flag.
 """
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -420,6 +421,40 @@ def _positive(name: str) -> int:
     return value
 
 
+PRESETS_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "presets"
+)
+PRESETS = ("keras_example", "paper_cifar10")
+
+
+def define_preset_flag() -> None:
+    """Defines `--preset`, which `run` expands into the preset's flagfile."""
+    define(
+        flags.DEFINE_enum,
+        "preset",
+        None,
+        list(PRESETS),
+        "Load a whole recipe from experiments/presets/NAME.cfg; flags after "
+        "--preset override it.",
+    )
+
+
+def expand_presets(argv: list[str]) -> list[str]:
+    """Inserts `--flagfile=PATH` right after each `--preset=NAME`.
+
+    absl reads a flagfile in place, so flags that follow the preset on the
+    command line override the preset's values. An unknown name is left for
+    the enum flag to reject.
+    """
+    expanded = []
+    for arg in argv:
+        expanded.append(arg)
+        if arg.startswith("--preset=") and arg[9:] in PRESETS:
+            path = os.path.join(PRESETS_DIR, arg[9:] + ".cfg")
+            expanded.append(f"--flagfile={path}")
+    return expanded
+
+
 def run(job: Callable[[], None]) -> None:
     """Runs `job` under absl; a `UsageError` exits 2 with its message only."""
 
@@ -444,4 +479,4 @@ def run(job: Callable[[], None]) -> None:
             )
             sys.exit(130)
 
-    app.run(main)
+    app.run(main, argv=expand_presets(sys.argv))

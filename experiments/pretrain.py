@@ -41,6 +41,7 @@ job_flags.define(
     "Epochs of contrastive pretraining.",
 )
 job_flags.define_probe_flags()
+job_flags.define_preset_flag()
 job_flags.define(
     flags.DEFINE_integer,
     "knn_every_epochs",

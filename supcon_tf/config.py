@@ -184,6 +184,11 @@ def validate_optimizer(config: OptimizerConfig, prefix: str = "") -> None:
             f"--momentum={config.momentum} is invalid; use a value in "
             "[0, 1), such as 0.9."
         )
+    if config.nesterov and config.optimizer == "adam":
+        raise UsageError(
+            "--nesterov applies to sgd and lars, not adam; drop it or set "
+            "--optimizer=sgd."
+        )
     if config.schedule not in SCHEDULES:
         raise UsageError(
             f"--{prefix}schedule={config.schedule!r} is invalid; choose one "

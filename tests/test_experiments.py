@@ -155,6 +155,8 @@ def test_pretrain_exports_encoder_and_projector(pretrain_run):
     assert os.path.exists(
         os.path.join(model_dir, "projector", "projector_config.pbtxt")
     )
+    # TensorBoard reads projector configs only next to an event file.
+    assert glob.glob(os.path.join(model_dir, "projector", "events.out.*"))
 
 
 def test_pretrain_reports_knn_and_per_class(pretrain_run):
@@ -177,7 +179,9 @@ def test_pretrain_writes_checkpoints(pretrain_run):
         os.path.join(model_dir, "checkpoints", "pretrain", "ckpt-*.index")
     )
     probe = glob.glob(
-        os.path.join(model_dir, "checkpoints", "probe", "ckpt-*.index")
+        os.path.join(
+            model_dir, "checkpoints", "probe_at_step_50", "ckpt-*.index"
+        )
     )
     assert sorted(os.path.basename(p) for p in pretrain) == [
         "ckpt-25.index",
@@ -186,10 +190,40 @@ def test_pretrain_writes_checkpoints(pretrain_run):
     assert [os.path.basename(p) for p in probe] == ["ckpt-25.index"]
 
 
-def test_rerun_resumes_instead_of_retraining(pretrain_run, cifar_dir):
+def test_same_rerun_only_reevaluates(pretrain_run, cifar_dir):
     model_dir, _ = pretrain_run
     with open(os.path.join(model_dir, "results.json")) as stream:
         first = json.load(stream)
+    process = _run(
+        "pretrain",
+        f"--data_dir={cifar_dir}",
+        f"--model_dir={model_dir}",
+        "--strategy=mirrored",
+        "--cpu_replicas=2",
+        *QUICK,
+        "--knn_every_epochs=1",
+        "--histogram_every_steps=20",
+        "--projector_examples=50",
+    )
+    with open(os.path.join(model_dir, "results.json")) as stream:
+        second = json.load(stream)
+    assert "pretrain: already at step 50 of 50" in process.stderr
+    assert "probe: already at step 25 of 25" in process.stderr
+    assert second["test_accuracy"] == first["test_accuracy"]
+    # Nothing trained this time, so the speeds are the first run's.
+    assert (
+        second["pretrain_examples_per_second"]
+        == (first["pretrain_examples_per_second"])
+    )
+    assert (
+        second["probe_examples_per_second"]
+        == (first["probe_examples_per_second"])
+    )
+    assert second["probe_examples_per_second"] > 0
+
+
+def test_rerun_resumes_instead_of_retraining(pretrain_run, cifar_dir):
+    model_dir, _ = pretrain_run
     process = _run(
         "pretrain",
         f"--data_dir={cifar_dir}",
@@ -205,15 +239,14 @@ def test_rerun_resumes_instead_of_retraining(pretrain_run, cifar_dir):
     assert "pretrain: step 52/75" in process.stderr
     assert "pretrain: step 2/75" not in process.stderr
     assert second["pretrain_steps"] == 75
-    # The probe finished in the first run, so it only re-evaluates.
-    assert "probe: already at step 25 of 25" in process.stderr
-    assert second["test_examples"] == first["test_examples"]
-    # The probe trained nothing this time, so its speed is the first run's.
-    assert (
-        second["probe_examples_per_second"]
-        == (first["probe_examples_per_second"])
+    # The encoder changed, so a new probe trains on it from scratch.
+    assert "probe: already at step" not in process.stderr
+    assert second["probe_steps"] == 25
+    assert glob.glob(
+        os.path.join(
+            model_dir, "checkpoints", "probe_at_step_75", "ckpt-25.index"
+        )
     )
-    assert second["probe_examples_per_second"] > 0
 
 
 def test_linear_eval_reuses_pretraining(pretrain_run):
@@ -227,9 +260,12 @@ def test_linear_eval_reuses_pretraining(pretrain_run):
     with open(os.path.join(model_dir, "linear_eval", "results.json")) as f:
         results = json.load(f)
     assert results["job"] == "linear_eval"
-    assert results["pretrain_checkpoint"].endswith("ckpt-50") or results[
-        "pretrain_checkpoint"
-    ].endswith("ckpt-75")
+    assert results["pretrain_checkpoint"].endswith("ckpt-75")
+    assert os.path.isdir(
+        os.path.join(
+            model_dir, "linear_eval", "checkpoints", "probe_at_step_75"
+        )
+    )
     assert results["test_examples"] == 123
     assert results["probe_config"]["head"] == "linear"
 
@@ -249,7 +285,9 @@ def test_finetune_trains_the_encoder(pretrain_run):
     assert results["finetune_mode"] == "recomputed"
     assert results["finetune_steps"] == 25
     reader = tf.train.load_checkpoint(
-        os.path.join(model_dir, "finetune", "checkpoints", "finetune")
+        os.path.join(
+            model_dir, "finetune", "checkpoints", "finetune_at_step_75"
+        )
     )
     # The checkpoint holds the encoder, which only a fine-tune saves.
     assert any(
@@ -353,6 +391,7 @@ def _snapshot(directory):
         ("pretrain", ["--eval_head=linear"], "probe.head='mlp' (now 'linear')"),
         ("pretrain", ["--temperature=-0.1"], "--temperature=-0.1 is invalid"),
         ("pretrain", ["--learning_rate=nan"], "--learning_rate=nan is invalid"),
+        ("pretrain", ["--nesterov"], "--nesterov applies to sgd and lars"),
         (
             "pretrain",
             ["--eval_learning_rate=0"],
@@ -465,3 +504,36 @@ def test_real_cifar10_jpegs(tmp_path):
     assert results["test_examples"] == 1000
     # Ten balanced classes: chance is 0.10.
     assert results["test_accuracy"] > 0.15
+
+
+def test_preset_loads_recipe_from_any_directory(cifar_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.pretrain",
+            "--preset=paper_cifar10",
+            f"--data_dir={cifar_dir}",
+            f"--model_dir={model_dir}",
+            *QUICK,
+            "--pretrain_epochs=1",
+            "--warmup_epochs=0",
+            "--eval_epochs=1",
+            "--dataset=cifar10",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO},
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    with open(model_dir / "config.json") as stream:
+        config = json.load(stream)
+    # From the preset, except what the command overrides after it.
+    assert config["optimizer"]["optimizer"] == "sgd"
+    assert config["optimizer"]["learning_rate"] == 0.5
+    assert config["optimizer"]["schedule"] == "cosine"
+    assert config["loss"]["temperature"] == 0.1
+    assert config["run"]["global_batch_size"] == 8

@@ -34,6 +34,10 @@ class PhaseCheckpoint:
             checkpoint, save_dir, max_to_keep=max_to_keep
         )
 
+    def latest(self) -> str | None:
+        """Returns the newest checkpoint path in `directory`, or None."""
+        return tf.train.latest_checkpoint(self.directory)
+
     def restore_latest(self) -> str | None:
         """Restores the newest checkpoint in `directory`, if there is one."""
         path = tf.train.latest_checkpoint(self.directory)

@@ -165,6 +165,7 @@ def _phase_results(
     results = {
         f"{prefix}_examples_per_second": stats.examples_per_second,
         f"{prefix}_first_call_seconds": stats.first_call_seconds,
+        f"{prefix}_rate_includes_tracing": stats.rate_includes_tracing,
         f"{prefix}_wall_seconds": stats.wall_seconds,
         f"{prefix}_steps": stats.end_step,
         f"{prefix}_final_metrics": stats.last_metrics,
@@ -216,7 +217,7 @@ def run_pretraining(
     phase.on_call_end = monitor.histogram_writer(
         context, [encoder], monitor_config.histogram_every_steps
     )
-    if int(phase.step.numpy()) == 0:
+    if phase.checkpoint.latest() is None:
         monitor.write_view_pairs(
             context, config.data.augment, config.data.num_views, config.run.seed
         )
@@ -238,7 +239,7 @@ def run_pretraining(
         encoder,
         config.probe,
         train_encoder=False,
-        checkpoint_dir=checkpoint_path(model_dir, "probe"),
+        checkpoint_dir=_probe_dir(model_dir, "probe", pretrain_stats.end_step),
         name="probe",
         features=caches,
         feature_seconds=feature_seconds,
@@ -266,6 +267,21 @@ def run_pretraining(
     monitor.write_hparams(context, model_dir, config, results)
     _finish(context, model_dir, results, versions)
     return results
+
+
+def _probe_dir(directory: str, name: str, pretrain_step: int) -> str:
+    """Checkpoints of a probe trained on the encoder at `pretrain_step`.
+
+    A probe belongs to one encoder. Keying its checkpoints by the
+    pretraining step means that a rerun after more pretraining trains a new
+    head, while a rerun on the same encoder resumes the old one.
+    """
+    return checkpoint_path(directory, f"{name}_at_step_{pretrain_step}")
+
+
+def _checkpoint_step(path: str) -> int:
+    """The step number of a `CheckpointManager` path such as `.../ckpt-45`."""
+    return int(path.rsplit("-", 1)[1])
 
 
 def _knn_every(context, encoder, monitor_config, phase):
@@ -338,7 +354,7 @@ def run_linear_eval(
         encoder,
         probe,
         train_encoder=finetune,
-        checkpoint_dir=checkpoint_path(output_dir, name),
+        checkpoint_dir=_probe_dir(output_dir, name, _checkpoint_step(latest)),
         name=name,
     )
     results = {

@@ -68,6 +68,7 @@ class PhaseStats:
     examples_per_second: float | None
     first_call_seconds: float | None
     wall_seconds: float
+    rate_includes_tracing: bool = False
 
 
 def _next_stop(step: int, phase: Phase) -> int:
@@ -134,9 +135,12 @@ def run_phase(phase: Phase) -> PhaseStats:
         if _should_save(step, phase):
             phase.checkpoint.save(step)
 
-    rate = None
+    rate_includes_tracing = not steady_steps
     if steady_steps:
         rate = steady_steps * phase.examples_per_step / steady_seconds
+    else:
+        # One call ran the whole phase, so its time includes tracing.
+        rate = (step - start) * phase.examples_per_step / first_call
     return PhaseStats(
         start,
         step,
@@ -144,6 +148,7 @@ def run_phase(phase: Phase) -> PhaseStats:
         rate,
         first_call,
         time.perf_counter() - started,
+        rate_includes_tracing,
     )
 
 

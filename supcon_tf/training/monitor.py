@@ -101,13 +101,19 @@ def write_projector(
     features = np.asarray(test.features[:count], dtype=np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     embeddings = features / np.maximum(norms, 1e-12)
-    return visuals.write_projector(
+    path = visuals.write_projector(
         directory,
         embeddings,
         test.labels[:count],
         context.splits.class_names,
         images=context.splits.test.images[:count],
     )
+    # TensorBoard's projector only reads configs from folders that contain
+    # an event file (TensorBoard 2.21), so the folder gets an empty one.
+    writer = tf.summary.create_file_writer(directory)
+    writer.flush()
+    writer.close()
+    return path
 
 
 def export_encoder(context: RunContext, encoder, export_dir: str) -> None:
@@ -140,6 +146,15 @@ def write_hparams(
         "views": config.data.num_views,
         "augment": config.data.augment,
         "pretrain_epochs": config.epochs,
+        "schedule": config.optimizer.schedule,
+        "warmup_epochs": config.optimizer.warmup_epochs,
+        "weight_decay": config.optimizer.weight_decay,
+        "momentum": config.optimizer.momentum,
+        "projection_head": config.model.projection_head,
+        "mixed_precision": config.run.mixed_precision or "float32",
+        "jit_compile": config.run.jit_compile,
+        "max_train_examples": config.data.max_train_examples or 0,
+        "seed": config.run.seed,
     }
     metrics = {
         "hparams/test_accuracy": results["test_accuracy"],
