@@ -1,10 +1,21 @@
-"""Benchmark harness: measured speed and memory, recorded with the machine.
+"""Benchmark harness: measured speed, MFU and memory, with the machine.
 
-    python -m experiments.benchmark --sections=loss --record
+    python -m experiments.benchmark \
+        --sections=pretrain,keras_fit,matmul,probe,loss --quick
 
-Each section prints its measurements; the last line printed is one JSON
-object with every number. `--record` appends a row per measurement to
-docs/benchmarks.md with the date, the machine and the command.
+Sections, all measured in one run on one machine:
+
+- pretrain: examples/s of our train step and tf.data pipeline.
+- keras_fit: examples/s of the keras.io example's `model.fit` pipeline.
+- matmul: GFLOP/s of a large matmul in float32 and bfloat16, the
+  practical peak that MFU divides by.
+- probe: seconds per probe epoch on cached features against recomputing
+  the frozen encoder on every step.
+- loss: forward and backward time and peak memory of `supcon_loss`.
+
+pretrain, keras_fit and probe each run in a fresh process. The last line
+printed is one JSON object with every number, the machine and the command.
+`--record` appends one row per measurement to `--record_file`.
 """
 
 import datetime
@@ -16,30 +27,166 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from supcon_tf import benchmarks
+from supcon_tf import benchmarks, keras_fit_baseline, models, precision
+from supcon_tf.data import augment
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("sections", ["loss"], "Sections to run: loss.")
+SECTIONS = ("pretrain", "keras_fit", "matmul", "probe", "loss")
+
+flags.DEFINE_list(
+    "sections", list(SECTIONS), f"Sections to run: {', '.join(SECTIONS)}."
+)
+flags.DEFINE_enum("encoder", "resnet50v2", models.ENCODERS, "Encoder.")
+flags.DEFINE_integer(
+    "global_batch_size", 265, "Examples per step over all replicas."
+)
+flags.DEFINE_integer("image_size", 32, "Height and width of the images.")
+flags.DEFINE_enum(
+    "augment",
+    "keras_example",
+    augment.AUGMENT_MODES,
+    "Augmentation of our pipeline; keras_example matches keras_fit's.",
+)
+flags.DEFINE_enum(
+    "loss",
+    "npairs",
+    ["npairs", "supcon"],
+    "Loss of our step: npairs with 1 view (the example's), or supcon with "
+    "2 views. keras_fit always uses npairs with 1 view.",
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    None,
+    precision.MIXED_PRECISION,
+    "Compute dtype of both pipelines; unset for float32.",
+)
+flags.DEFINE_bool("jit_compile", False, "Compile both train steps with XLA.")
+flags.DEFINE_enum(
+    "strategy", "default", ["default", "mirrored"], "Distribution strategy."
+)
+flags.DEFINE_integer(
+    "cpu_replicas", 1, "Logical CPU replicas for --strategy=mirrored."
+)
+flags.DEFINE_integer(
+    "steps_per_loop", 10, "Steps of our loop per tf.function call."
+)
+flags.DEFINE_integer("steps", 20, "Timed train steps per repeat.")
+flags.DEFINE_integer(
+    "repeats", 5, "Timed repeats (probe: epochs) after the warm-up."
+)
+flags.DEFINE_integer(
+    "matmul_size", 0, "Matmul side; 0 picks 4096 on CPU, 8192 on a GPU."
+)
 flags.DEFINE_list(
     "loss_rows",
     ["2048", "8192"],
     "Row counts (batch x views) for the loss section.",
 )
 flags.DEFINE_integer("loss_dim", 128, "Feature size for the loss section.")
-flags.DEFINE_integer("repeats", 5, "Timed repeats after one warm-up call.")
-flags.DEFINE_bool("quick", False, "One row count (2048) and 3 repeats.")
-flags.DEFINE_bool("record", False, "Append the results to docs/benchmarks.md.")
-
-SECTIONS = ("loss",)
-RECORD_FILE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "docs",
-    "benchmarks.md",
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "Unless set explicitly: --steps=2, --repeats=2, and the loss section "
+    "at 2048 rows only.",
+)
+flags.DEFINE_bool("record", False, "Append the results to --record_file.")
+flags.DEFINE_string(
+    "record_file",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "docs",
+        "benchmarks.md",
+    ),
+    "Markdown table that --record appends rows to.",
 )
 
+QUICK_STEPS = 2
+QUICK_REPEATS = 2
 
-def run_loss_section() -> dict:
+
+def _quick_or_flag(name: str, quick_value: int) -> int:
+    if FLAGS.quick and not FLAGS[name].present:
+        return quick_value
+    return FLAGS[name].value
+
+
+def throughput_settings() -> benchmarks.ThroughputSettings:
+    """Reads the flags shared by pretrain, keras_fit and probe."""
+    return benchmarks.ThroughputSettings(
+        encoder=FLAGS.encoder,
+        global_batch_size=FLAGS.global_batch_size,
+        image_size=FLAGS.image_size,
+        augment=FLAGS.augment,
+        loss=FLAGS.loss,
+        mixed_precision=FLAGS.mixed_precision,
+        jit_compile=FLAGS.jit_compile,
+        strategy=FLAGS.strategy,
+        cpu_replicas=FLAGS.cpu_replicas,
+        steps_per_loop=FLAGS.steps_per_loop,
+        steps=_quick_or_flag("steps", QUICK_STEPS),
+        repeats=_quick_or_flag("repeats", QUICK_REPEATS),
+    )
+
+
+def _print_throughput(name: str, result: dict) -> None:
+    print(
+        f"{name}: median {result['examples_per_second']:.1f} examples/s "
+        f"(min {result['min_examples_per_second']:.1f}, max "
+        f"{result['max_examples_per_second']:.1f}) over "
+        f"{result['repeats']} x {result['steps']} steps; warm-up "
+        f"{result['warmup_seconds']:.1f} s; "
+        f"{result['flops_per_example'] / 1e9:.3f} GFLOP/example; peak RSS "
+        f"{result['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+
+
+def run_pretrain_section(settings) -> dict:
+    result = benchmarks.run_isolated(benchmarks.pretrain_throughput, settings)
+    _print_throughput("pretrain (our loop)", result)
+    return result
+
+
+def run_keras_fit_section(settings) -> dict:
+    result = benchmarks.run_isolated(
+        keras_fit_baseline.keras_fit_throughput, settings
+    )
+    _print_throughput("keras_fit (model.fit)", result)
+    return result
+
+
+def run_matmul_section(repeats: int) -> dict:
+    size = FLAGS.matmul_size
+    if size == 0:
+        size = 8192 if tf.config.list_physical_devices("GPU") else 4096
+    dtypes = ["float32", "bfloat16"]
+    if FLAGS.mixed_precision == "float16":
+        dtypes.append("float16")
+    results = {}
+    for dtype in dtypes:
+        result = benchmarks.matmul_throughput(size, dtype, repeats)
+        results[dtype] = result
+        print(
+            f"matmul {size}x{size} {dtype}: "
+            f"{result['gflops_per_second']:.1f} GFLOP/s (median of "
+            f"{repeats}, {result['median_seconds'] * 1e3:.0f} ms each)"
+        )
+    return results
+
+
+def run_probe_section(settings) -> dict:
+    result = benchmarks.run_isolated(benchmarks.probe_epoch_seconds, settings)
+    print(
+        f"probe: {result['examples']} examples, feature cache "
+        f"{result['feature_cache_seconds']:.2f} s once; epoch on cached "
+        f"features {result['cached_epoch_seconds']:.3f} s, recomputing the "
+        f"encoder {result['recomputed_epoch_seconds']:.3f} s "
+        f"({result['recomputed_over_cached']:.1f}x)"
+    )
+    return result
+
+
+def run_loss_section() -> list:
     rows_list = [2048] if FLAGS.quick else [int(r) for r in FLAGS.loss_rows]
     repeats = 3 if FLAGS.quick else FLAGS.repeats
     results = []
@@ -56,7 +203,40 @@ def run_loss_section() -> dict:
             f"{memory['rows_by_rows_float32_buffers']:.1f} [rows, rows] "
             "float32 buffers"
         )
-    return {"loss": results}
+    return results
+
+
+def add_summary(results: dict) -> None:
+    """Adds the headline numbers: examples/s, speedup and MFU.
+
+    MFU is training FLOPs per example times examples/s over the matmul
+    peak of the compute dtype (float32 unless --mixed_precision is set).
+    """
+    ours = results.get("pretrain") or {}
+    theirs = results.get("keras_fit") or {}
+    matmul = results.get("matmul") or {}
+    peak = matmul.get(FLAGS.mixed_precision or "float32")
+    peak_flops = peak["gflops_per_second"] * 1e9 if peak else None
+    summary = {
+        "examples_per_second": ours.get("examples_per_second"),
+        "keras_fit_examples_per_second": theirs.get("examples_per_second"),
+        "speedup_vs_keras_fit": None,
+        "matmul_peak_gflops_per_second": peak and peak["gflops_per_second"],
+        "mfu": None,
+        "keras_fit_mfu": None,
+    }
+    if ours and theirs:
+        summary["speedup_vs_keras_fit"] = (
+            ours["examples_per_second"] / theirs["examples_per_second"]
+        )
+    for key, result in (("mfu", ours), ("keras_fit_mfu", theirs)):
+        if result and peak_flops:
+            summary[key] = (
+                result["flops_per_example"]
+                * result["examples_per_second"]
+                / peak_flops
+            )
+    results.update(summary)
 
 
 def _machine() -> str:
@@ -76,37 +256,132 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs{accelerator}, TF {tf.__version__}"
 
 
-def record(results: dict) -> None:
-    command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
-    date = datetime.date.today().isoformat()
-    lines = []
-    for row in results.get("loss", []):
-        lines.append(
-            f"| {date} | {_machine()} | `{command}` | loss fwd+bwd, "
-            f"{row['rows']} x {row['dim']} | median "
-            f"{row['median_seconds'] * 1e3:.1f} ms; peak +"
-            f"{row['peak_added_bytes'] / 2**20:.0f} MiB "
-            f"({row['rows_by_rows_float32_buffers']:.1f} buffers) |"
+def _throughput_row(name: str, result: dict, mfu: float | None) -> tuple:
+    settings = FLAGS.flag_values_dict()
+    description = (
+        f"{name}: {settings['encoder']}, batch "
+        f"{settings['global_batch_size']}, {result['num_views']} view(s)"
+    )
+    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+    return description, (
+        f"median {result['examples_per_second']:.1f} examples/s (min "
+        f"{result['min_examples_per_second']:.1f}, max "
+        f"{result['max_examples_per_second']:.1f}; {result['repeats']} x "
+        f"{result['steps']} steps); MFU {mfu_text}; peak RSS "
+        f"{result['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+
+
+def record_rows(results: dict) -> list[tuple[str, str]]:
+    """Returns the `what` and `result` cells of one row per measurement."""
+    rows = []
+    if "pretrain" in results:
+        description, text = _throughput_row(
+            "our train step", results["pretrain"], results["mfu"]
         )
-    with open(RECORD_FILE, "a") as stream:
+        speedup = results["speedup_vs_keras_fit"]
+        if speedup is not None:
+            text += f"; {speedup:.2f}x keras_fit"
+        rows.append((description, text))
+    if "keras_fit" in results:
+        rows.append(
+            _throughput_row(
+                "keras.io model.fit", results["keras_fit"],
+                results["keras_fit_mfu"],
+            )
+        )  # fmt: skip
+    for dtype, row in results.get("matmul", {}).items():
+        rows.append(
+            (
+                f"matmul {row['size']}x{row['size']} {dtype}",
+                f"{row['gflops_per_second']:.1f} GFLOP/s (median of "
+                f"{row['repeats']})",
+            )
+        )
+    if "probe" in results:
+        probe = results["probe"]
+        rows.append(
+            (
+                f"probe epoch, {probe['examples']} examples",
+                f"cached {probe['cached_epoch_seconds']:.3f} s, recomputed "
+                f"{probe['recomputed_epoch_seconds']:.3f} s "
+                f"({probe['recomputed_over_cached']:.1f}x); cache built "
+                f"once in {probe['feature_cache_seconds']:.2f} s",
+            )
+        )
+    for row in results.get("loss", []):
+        rows.append(
+            (
+                f"loss fwd+bwd, {row['rows']} x {row['dim']}",
+                f"median {row['median_seconds'] * 1e3:.1f} ms; peak +"
+                f"{row['peak_added_bytes'] / 2**20:.0f} MiB "
+                f"({row['rows_by_rows_float32_buffers']:.1f} buffers)",
+            )
+        )
+    return rows
+
+
+def record(results: dict, path: str) -> None:
+    """Appends one table row per measurement to the Markdown file `path`."""
+    prefix = f"| {results['date']} | {results['machine']} | "
+    prefix += f"`{results['command']}` | "
+    lines = [
+        f"{prefix}{description} | {text} |"
+        for description, text in record_rows(results)
+    ]
+    with open(path, "a") as stream:
         stream.write("\n".join(lines) + "\n")
-    print(f"Appended {len(lines)} row(s) to {RECORD_FILE}.")
+    print(f"Appended {len(lines)} row(s) to {path}.")
+
+
+def _check_flags() -> str | None:
+    """Returns an error message for an invalid flag combination, or None."""
+    unknown = set(FLAGS.sections) - set(SECTIONS)
+    if unknown:
+        return (
+            f"unknown --sections {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(SECTIONS)}."
+        )
+    if FLAGS.cpu_replicas != 1 and FLAGS.strategy != "mirrored":
+        return "--cpu_replicas applies to --strategy=mirrored only."
+    if FLAGS.global_batch_size % FLAGS.cpu_replicas:
+        return (
+            f"--global_batch_size={FLAGS.global_batch_size} must be "
+            f"divisible by --cpu_replicas={FLAGS.cpu_replicas}."
+        )
+    for name in ("steps", "repeats", "steps_per_loop", "global_batch_size"):
+        if FLAGS[name].value < 1:
+            return f"--{name}={FLAGS[name].value} is invalid; use 1 or more."
+    return None
 
 
 def main(argv) -> None:
     del argv
-    unknown = set(FLAGS.sections) - set(SECTIONS)
-    if unknown:
-        sys.stderr.write(
-            f"error: unknown --sections {', '.join(sorted(unknown))}; "
-            f"choose from {', '.join(SECTIONS)}.\n"
-        )
+    error = _check_flags()
+    if error:
+        sys.stderr.write(f"error: {error}\n")
         sys.exit(2)
-    results = {"machine": _machine()}
-    if "loss" in FLAGS.sections:
-        results.update(run_loss_section())
+    settings = throughput_settings()
+    results = {
+        "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "machine": _machine(),
+        "settings": {**vars(settings), "num_views": settings.num_views},
+    }
+    sections = FLAGS.sections
+    if "pretrain" in sections:
+        results["pretrain"] = run_pretrain_section(settings)
+    if "keras_fit" in sections:
+        results["keras_fit"] = run_keras_fit_section(settings)
+    if "matmul" in sections:
+        results["matmul"] = run_matmul_section(max(settings.repeats, 3))
+    if "probe" in sections:
+        results["probe"] = run_probe_section(settings)
+    if "loss" in sections:
+        results["loss"] = run_loss_section()
+    add_summary(results)
     if FLAGS.record:
-        record(results)
+        record(results, FLAGS.record_file)
     print(json.dumps(results, sort_keys=True))
 
 

@@ -1,6 +1,196 @@
-"""The loss benchmark's memory measurement, as a property of the loss."""
+"""The benchmark harness: its measurements, JSON output and record rows.
+
+No test here asserts a wall-clock time or a speed ratio; they check what
+the harness computes from its measurements and how it reports them.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import pytest
 
 from supcon_tf import benchmarks
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD_FILE = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
+SMALL_RUN_FLAGS = [
+    "--quick",
+    "--sections=pretrain,keras_fit,matmul,probe",
+    "--encoder=small_cnn",
+    "--global_batch_size=16",
+    "--steps=2",
+    "--repeats=1",
+    "--matmul_size=256",
+]
+
+
+def _run_harness(*flags: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", *flags],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """Runs the harness once on small_cnn, recording to a copy of the file.
+
+    Returns:
+      `(results, record_before, record_after)`: the parsed last stdout
+      line and the record file's lines before and after the run.
+    """
+    record_file = tmp_path_factory.mktemp("record") / "benchmarks.md"
+    shutil.copyfile(RECORD_FILE, record_file)
+    before = record_file.read_text().splitlines()
+    completed = _run_harness(
+        *SMALL_RUN_FLAGS, "--record", f"--record_file={record_file}"
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    last_line = completed.stdout.strip().splitlines()[-1]
+    after = record_file.read_text().splitlines()
+    return json.loads(last_line), before, after
+
+
+def test_harness_json_has_headline_numbers(small_run):
+    results, _, _ = small_run
+    for key in (
+        "examples_per_second",
+        "keras_fit_examples_per_second",
+        "speedup_vs_keras_fit",
+        "mfu",
+        "keras_fit_mfu",
+        "matmul_peak_gflops_per_second",
+    ):
+        assert isinstance(results[key], float), key
+        assert results[key] > 0, key
+    assert results["speedup_vs_keras_fit"] == (
+        results["examples_per_second"]
+        / results["keras_fit_examples_per_second"]
+    )
+    assert results["machine"]
+    assert results["command"].startswith("python -m experiments.benchmark")
+    assert "--encoder=small_cnn" in results["command"]
+
+
+def test_harness_mfu_from_flops_and_peak(small_run):
+    results, _, _ = small_run
+    pretrain = results["pretrain"]
+    peak = results["matmul"]["float32"]["gflops_per_second"] * 1e9
+    assert results["matmul_peak_gflops_per_second"] * 1e9 == peak
+    assert results["mfu"] == (
+        pretrain["flops_per_example"] * pretrain["examples_per_second"] / peak
+    )
+    # Both sides train the same encoder and head on one view.
+    assert (
+        pretrain["flops_per_example"]
+        == (results["keras_fit"]["flops_per_example"])
+    )
+
+
+def test_harness_sections_report_measurements(small_run):
+    results, _, _ = small_run
+    for section in ("pretrain", "keras_fit"):
+        assert results[section]["repeats"] == 1
+        assert results[section]["steps"] == 2
+        assert results[section]["peak_rss_bytes"] > 0
+        assert results[section]["warmup_seconds"] > 0
+    assert set(results["matmul"]) == {"float32", "bfloat16"}
+    probe = results["probe"]
+    assert probe["epochs_timed"] == 1
+    assert probe["steps_per_epoch"] == 1024 // 16
+    assert probe["cached_epoch_seconds"] > 0
+    assert probe["recomputed_over_cached"] == (
+        probe["recomputed_epoch_seconds"] / probe["cached_epoch_seconds"]
+    )
+
+
+def test_record_appends_one_row_per_measurement(small_run):
+    _, before, after = small_run
+    assert after[: len(before)] == before
+    added = after[len(before) :]
+    # pretrain, keras_fit, matmul float32 and bfloat16, probe.
+    assert len(added) == 5
+    header_cells = [c.strip() for c in before[-1].strip("|").split("|")]
+    assert len(header_cells) == 5
+    for row in added:
+        assert row.startswith("| "), row
+        assert row.endswith(" |"), row
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 5, row
+        assert cells[2].startswith("`python -m experiments.benchmark ")
+    measured = [row.split(" | ")[3] for row in added]
+    assert measured[0].startswith("our train step: small_cnn, batch 16")
+    assert measured[1].startswith("keras.io model.fit: small_cnn, batch 16")
+    assert measured[2] == "matmul 256x256 float32"
+    assert measured[3] == "matmul 256x256 bfloat16"
+    assert measured[4] == "probe epoch, 1024 examples"
+
+
+def test_unknown_section_exits_2():
+    completed = _run_harness("--sections=pretrain,warp_drive")
+    assert completed.returncode == 2
+    assert "unknown --sections warp_drive" in completed.stderr
+    assert "choose from pretrain, keras_fit, matmul, probe, loss" in (
+        completed.stderr
+    )
+
+
+def test_forward_flops_match_hand_count():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, activation="relu"),
+            keras.layers.Dense(2, use_bias=False),
+        ]
+    )
+    # Multiply-adds count 2: 2*4*3 + 3 bias adds + 2*3*2; ReLU counts 0.
+    assert benchmarks.count_forward_flops(model, (4,)) == 39
+
+
+def test_training_flops_are_three_forwards_per_view():
+    encoder = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    forward = 2 * 4 * 3 + 3 + 2 * 3 * 2 + 2
+    assert benchmarks.training_flops_per_example(encoder, head, 1) == (
+        3 * forward
+    )
+    assert benchmarks.training_flops_per_example(encoder, head, 2) == (
+        6 * forward
+    )
+
+
+def test_summarize_seconds_median_and_spread():
+    summary = benchmarks.summarize_seconds([2.0, 1.0, 4.0], examples=8)
+    assert summary["median_seconds"] == 2.0
+    assert summary["min_seconds"] == 1.0
+    assert summary["max_seconds"] == 4.0
+    assert summary["examples_per_second"] == 4.0
+    assert summary["min_examples_per_second"] == 2.0
+    assert summary["max_examples_per_second"] == 8.0
+    assert summary["repeats"] == 3
+
+
+def test_synthetic_split_shape_and_labels():
+    settings = benchmarks.ThroughputSettings(global_batch_size=300)
+    split = benchmarks.synthetic_split(settings)
+    assert split.images.shape == (1200, 32, 32, 3)
+    assert split.images.dtype == "uint8"
+    assert sorted(set(split.labels.tolist())) == list(range(10))
+
+
+def test_run_isolated_raises_child_error():
+    with pytest.raises(RuntimeError, match="math domain error"):
+        benchmarks.run_isolated(math.sqrt, -1.0)
 
 
 def test_loss_memory_stays_rows_by_rows():
