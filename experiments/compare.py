@@ -159,7 +159,7 @@ def compare() -> None:
 
 
 def _summary(results: dict) -> dict:
-    """The table's numbers from one run's results.json.
+    """Returns the table's numbers from one run's results.json.
 
     The time is the training phases' wall time as results.json reports it,
     so a rerun that only re-evaluates keeps the time of the run that

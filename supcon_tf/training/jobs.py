@@ -280,7 +280,7 @@ def _probe_dir(directory: str, name: str, pretrain_step: int) -> str:
 
 
 def _checkpoint_step(path: str) -> int:
-    """The step number of a `CheckpointManager` path such as `.../ckpt-45`."""
+    """Returns the step number of a checkpoint path such as `.../ckpt-45`."""
     return int(path.rsplit("-", 1)[1])
 
 

@@ -168,9 +168,9 @@ def histogram_writer(context: RunContext, models: list, every: int):
 
     TODO: gradient-norm histograms. The gradients live inside the train
     loop's `tf.function`, and the global gradient exists only inside the
-    optimizer's all-reduce; norms of replica-local gradients would be wrong
-    for more than one replica, and an extra backward pass on the host
-    would move the batch-norm statistics.
+    optimizer's all-reduce. Norms of replica-local gradients would be wrong
+    for more than one replica. An extra backward pass on the host would
+    move the batch-norm statistics.
     """
     last = {"step": 0}
 

@@ -55,7 +55,7 @@ def _share_overflow(optimizer, gradients: list) -> list:
     """Makes a float16 gradient overflow on any replica skip every replica.
 
     Keras 3.15's LossScaleOptimizer decides per replica whether to skip a
-    step, and assumes the gradients it sees are already all-reduced. In a
+    step, and assumes that its gradients are already all-reduced. In a
     custom loop they are not, so one replica's overflow would reach the
     summed update as NaN. Every replica therefore turns its gradients into
     NaN when any replica overflowed, and all skip the step together.
