@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from supcon_tf import evaluation, models, optim, precision
-from supcon_tf.config import ClassifierConfig
+from supcon_tf.config import ClassifierConfig, OptimizerConfig
 from supcon_tf.data import pipeline
 from supcon_tf.data.sources import ArraySplit, DatasetSplits
 from supcon_tf.training import steps, visuals
@@ -82,6 +82,35 @@ def _mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-log_probs[np.arange(len(labels)), labels].mean())
 
 
+def make_phase_optimizer(
+    context: RunContext,
+    config: OptimizerConfig,
+    variables: list,
+    epochs: int,
+) -> tuple[keras.optimizers.Optimizer, int]:
+    """Builds a phase's optimizer, schedule and loss scaling.
+
+    Returns:
+      The optimizer, built for `variables`, and the phase's steps per epoch
+      that its schedule uses.
+    """
+    steps_per_epoch = pipeline.steps_per_epoch(
+        len(context.splits.train.labels), context.global_batch_size
+    )
+    optimizer = optim.make_optimizer(
+        config,
+        context.strategy,
+        variables,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * epochs,
+        global_batch_size=context.global_batch_size,
+    )
+    optimizer = precision.wrap_optimizer(
+        optimizer, context.strategy, variables, context.mixed_precision
+    )
+    return optimizer, steps_per_epoch
+
+
 def train_classifier(
     context: RunContext,
     encoder: keras.Model,
@@ -117,19 +146,8 @@ def train_classifier(
     variables = list(head.trainable_variables)
     if train_encoder:
         variables = encoder.trainable_variables + variables
-    steps_per_epoch = pipeline.steps_per_epoch(
-        len(splits.train.labels), context.global_batch_size
-    )
-    optimizer = optim.make_optimizer(
-        config.optimizer,
-        strategy,
-        variables,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * config.epochs,
-        global_batch_size=context.global_batch_size,
-    )
-    optimizer = precision.wrap_optimizer(
-        optimizer, strategy, variables, context.mixed_precision
+    optimizer, steps_per_epoch = make_phase_optimizer(
+        context, config.optimizer, variables, config.epochs
     )
     checkpoint = tf.train.Checkpoint(head=head, optimizer=optimizer, step=step)
     if train_encoder:

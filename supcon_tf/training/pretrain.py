@@ -3,12 +3,16 @@
 import keras
 import tensorflow as tf
 
-from supcon_tf import models, optim, precision
+from supcon_tf import models, optim
 from supcon_tf.config import PretrainConfig
 from supcon_tf.data import pipeline
 from supcon_tf.training import steps
 from supcon_tf.training.checkpoints import PhaseCheckpoint
-from supcon_tf.training.classifier import RunContext, checkpoint_path
+from supcon_tf.training.classifier import (
+    RunContext,
+    checkpoint_path,
+    make_phase_optimizer,
+)
 from supcon_tf.training.diagnostics import DIAGNOSTIC_NAMES
 from supcon_tf.training.loop import Phase
 
@@ -26,19 +30,8 @@ def make_pretrain_phase(
         )
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     variables = encoder.trainable_variables + head.trainable_variables
-    steps_per_epoch = pipeline.steps_per_epoch(
-        len(context.splits.train.labels), config.run.global_batch_size
-    )
-    optimizer = optim.make_optimizer(
-        config.optimizer,
-        strategy,
-        variables,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * config.epochs,
-        global_batch_size=config.run.global_batch_size,
-    )
-    optimizer = precision.wrap_optimizer(
-        optimizer, strategy, variables, context.mixed_precision
+    optimizer, steps_per_epoch = make_phase_optimizer(
+        context, config.optimizer, variables, config.epochs
     )
     checkpoint = tf.train.Checkpoint(
         encoder=encoder, projection_head=head, optimizer=optimizer, step=step
