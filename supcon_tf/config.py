@@ -98,7 +98,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
-    """What pretraining reports besides its loss."""
+    """Reports that pretraining writes besides its loss."""
 
     knn_every_epochs: int = 0
     knn_k: int = 200
@@ -219,9 +219,10 @@ def validate_run(run: RunConfig, model: ModelConfig) -> None:
     if run.jit_compile and (
         run.strategy not in ("default", "one_device") or model.sync_batchnorm
     ):
-        # TODO: XLA inside strategy.run cannot hold the cross-replica
-        # all-reduces of sync batch norm and the loss (merge_call in a
-        # nested tf.function); compile the whole replica step instead.
+        # TODO: XLA inside strategy.run fails on the cross-replica
+        # all-reduces of sync batch norm and the loss, because they call
+        # merge_call in a nested tf.function. Compile the whole replica
+        # step instead.
         raise UsageError(
             "--jit_compile works with one replica only: use "
             "--strategy=default or one_device with --nosync_batchnorm."

@@ -28,9 +28,9 @@ def configure_cpu_replicas(num_replicas: int) -> list[str]:
     cpu = tf.config.list_physical_devices("CPU")[0]
     configured = tf.config.get_logical_device_configuration(cpu) or []
     if num_replicas > len(configured) and num_replicas > 1:
-        wanted = [tf.config.LogicalDeviceConfiguration()] * num_replicas
+        requested = [tf.config.LogicalDeviceConfiguration()] * num_replicas
         try:
-            tf.config.set_logical_device_configuration(cpu, wanted)
+            tf.config.set_logical_device_configuration(cpu, requested)
         except RuntimeError:
             pass  # Already initialised; the check below reports it.
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]

@@ -289,7 +289,7 @@ def test_finetune_trains_the_encoder(pretrain_run):
             model_dir, "finetune", "checkpoints", "finetune_at_step_75"
         )
     )
-    # The checkpoint holds the encoder, which only a fine-tune saves.
+    # The checkpoint contains the encoder, which only a fine-tune saves.
     assert any(
         name.startswith("encoder/")
         for name in reader.get_variable_to_shape_map()

@@ -28,7 +28,7 @@ def load_folder(
     test_fraction, seed,
 ) -> DatasetSplits:  # fmt: skip
     # TODO: every image is decoded into one in-memory uint8 array, which
-    # suits CIFAR-sized sets; folders larger than memory need a streaming
+    # suits CIFAR-sized sets. Folders larger than memory need a streaming
     # source that decodes per batch.
     if data_dir is None:
         raise UsageError("--dataset=folder needs --data_dir: an image folder.")

@@ -124,8 +124,8 @@ def train_classifier(
 ) -> tuple[PhaseStats, dict[str, float]]:
     """Trains a classifier head (and the encoder if asked), then evaluates.
 
-    With a frozen encoder and no augmentation the encoder runs once over
-    train and test and the head trains on the cached features; otherwise
+    With a frozen encoder and no augmentation, the encoder runs once over
+    train and test and the head trains on the cached features. Otherwise
     the encoder runs on every step. `features`, a `(train, test)` pair of
     `evaluation.FeatureCache`, reuses caches that the caller extracted in
     `feature_seconds`.

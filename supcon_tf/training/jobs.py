@@ -135,6 +135,25 @@ def _claim_directory(
     return previous
 
 
+def _begin(job: str, config, keys: tuple[str, ...]):
+    """Starts a pretrain or baseline job up to its encoder.
+
+    Returns:
+      The library versions, the run context, the results of an earlier
+      attempt in `config.run.model_dir` ({} if none) and the encoder.
+    """
+    versions = library_versions()
+    context = _start(config.run, config.data)
+    previous = _claim_directory(
+        context,
+        config.run.model_dir,
+        job,
+        config_lib.to_dict(config),
+        keys,
+    )
+    return versions, context, previous, _build_encoder(context, config.model)
+
+
 def _build_encoder(context: RunContext, model: ModelConfig) -> keras.Model:
     mean, std = sources.channel_stats(context.splits.train)
     with context.strategy.scope():
@@ -199,17 +218,10 @@ def run_pretraining(
     checkpoint. Writes `model_dir/results.json` and returns its content.
     """
     config_lib.validate_pretrain(config)
-    versions = library_versions()
     model_dir = config.run.model_dir
-    context = _start(config.run, config.data)
-    previous = _claim_directory(
-        context,
-        model_dir,
-        "pretrain",
-        config_lib.to_dict(config),
-        _PRETRAIN_KEYS,
+    versions, context, previous, encoder = _begin(
+        "pretrain", config, _PRETRAIN_KEYS
     )
-    encoder = _build_encoder(context, config.model)
     monitor_config = config.monitor
 
     phase = make_pretrain_phase(context, config, encoder)
@@ -375,17 +387,10 @@ def run_baseline(
 ) -> dict[str, Any]:
     """Trains encoder and classifier end to end with cross-entropy."""
     config_lib.validate_baseline(config)
-    versions = library_versions()
     model_dir = config.run.model_dir
-    context = _start(config.run, config.data)
-    previous = _claim_directory(
-        context,
-        model_dir,
-        "baseline",
-        config_lib.to_dict(config),
-        _BASELINE_KEYS,
+    versions, context, previous, encoder = _begin(
+        "baseline", config, _BASELINE_KEYS
     )
-    encoder = _build_encoder(context, config.model)
     stats, metrics = train_classifier(
         context,
         encoder,
