@@ -18,6 +18,7 @@ printed is one JSON object with every number, the machine and the command.
 `--record` appends one row per measurement to `--record_file`.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -59,7 +60,26 @@ flags.DEFINE_enum(
     "mixed_precision",
     None,
     precision.MIXED_PRECISION,
-    "Compute dtype of both pipelines; unset for float32.",
+    "Compute dtype of our step; unset for float32.",
+)
+flags.DEFINE_bool(
+    "fused_batchnorm",
+    True,
+    "Train our encoder's batch norm with the fused kernel.",
+)
+flags.DEFINE_enum(
+    "keras_fit_mixed_precision",
+    None,
+    precision.MIXED_PRECISION,
+    "Compute dtype of the model.fit pipeline; unset for float32, as in "
+    "the example.",
+)
+flags.DEFINE_enum(
+    "keras_fit_augmentation",
+    "example",
+    keras_fit_baseline.AUGMENTATIONS,
+    "Augmentation of the model.fit pipeline: example resizes every batch "
+    "to a random shape as the example does; fixed_shape zooms instead.",
 )
 flags.DEFINE_bool("jit_compile", False, "Compile both train steps with XLA.")
 flags.DEFINE_enum(
@@ -120,6 +140,7 @@ def throughput_settings() -> benchmarks.ThroughputSettings:
         augment=FLAGS.augment,
         loss=FLAGS.loss,
         mixed_precision=FLAGS.mixed_precision,
+        fused_batchnorm=FLAGS.fused_batchnorm,
         jit_compile=FLAGS.jit_compile,
         strategy=FLAGS.strategy,
         cpu_replicas=FLAGS.cpu_replicas,
@@ -147,9 +168,18 @@ def run_pretrain_section(settings) -> dict:
     return result
 
 
+def keras_fit_settings(settings):
+    """Our settings with the model.fit pipeline's own compute dtype."""
+    return dataclasses.replace(
+        settings, mixed_precision=FLAGS.keras_fit_mixed_precision
+    )
+
+
 def run_keras_fit_section(settings) -> dict:
     result = benchmarks.run_isolated(
-        keras_fit_baseline.keras_fit_throughput, settings
+        keras_fit_baseline.keras_fit_throughput,
+        keras_fit_settings(settings),
+        FLAGS.keras_fit_augmentation,
     )
     _print_throughput("keras_fit (model.fit)", result)
     return result
@@ -160,7 +190,7 @@ def run_matmul_section(repeats: int) -> dict:
     if size == 0:
         size = 8192 if tf.config.list_physical_devices("GPU") else 4096
     dtypes = ["float32", "bfloat16"]
-    if FLAGS.mixed_precision == "float16":
+    if "float16" in (FLAGS.mixed_precision, FLAGS.keras_fit_mixed_precision):
         dtypes.append("float16")
     results = {}
     for dtype in dtypes:
@@ -210,13 +240,13 @@ def add_summary(results: dict) -> None:
     """Adds the headline numbers: examples/s, speedup and MFU.
 
     MFU is training FLOPs per example times examples/s over the matmul
-    peak of the compute dtype (float32 unless --mixed_precision is set).
+    peak of that side's compute dtype (float32 unless --mixed_precision
+    or --keras_fit_mixed_precision is set).
     """
     ours = results.get("pretrain") or {}
     theirs = results.get("keras_fit") or {}
     matmul = results.get("matmul") or {}
     peak = matmul.get(FLAGS.mixed_precision or "float32")
-    peak_flops = peak["gflops_per_second"] * 1e9 if peak else None
     summary = {
         "examples_per_second": ours.get("examples_per_second"),
         "keras_fit_examples_per_second": theirs.get("examples_per_second"),
@@ -229,12 +259,16 @@ def add_summary(results: dict) -> None:
         summary["speedup_vs_keras_fit"] = (
             ours["examples_per_second"] / theirs["examples_per_second"]
         )
-    for key, result in (("mfu", ours), ("keras_fit_mfu", theirs)):
-        if result and peak_flops:
+    for key, result, dtype in (
+        ("mfu", ours, FLAGS.mixed_precision),
+        ("keras_fit_mfu", theirs, FLAGS.keras_fit_mixed_precision),
+    ):
+        side_peak = matmul.get(dtype or "float32")
+        if result and side_peak:
             summary[key] = (
                 result["flops_per_example"]
                 * result["examples_per_second"]
-                / peak_flops
+                / (side_peak["gflops_per_second"] * 1e9)
             )
     results.update(summary)
 
@@ -256,11 +290,12 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs{accelerator}, TF {tf.__version__}"
 
 
-def _throughput_row(name: str, result: dict, mfu: float | None) -> tuple:
-    settings = FLAGS.flag_values_dict()
+def _throughput_row(
+    name: str, variant: str, result: dict, mfu: float | None
+) -> tuple:
     description = (
-        f"{name}: {settings['encoder']}, batch "
-        f"{settings['global_batch_size']}, {result['num_views']} view(s)"
+        f"{name}: {FLAGS.encoder}, batch {FLAGS.global_batch_size}, "
+        f"{result['num_views']} view(s), {variant}"
     )
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
     return description, (
@@ -272,12 +307,30 @@ def _throughput_row(name: str, result: dict, mfu: float | None) -> tuple:
     )
 
 
+def _our_variant() -> str:
+    batch_norm = "fused" if FLAGS.fused_batchnorm else "Keras"
+    return (
+        f"{FLAGS.mixed_precision or 'float32'}, {FLAGS.augment} "
+        f"augmentation, {batch_norm} batch norm"
+    )
+
+
+def _keras_fit_variant() -> str:
+    return (
+        f"{FLAGS.keras_fit_mixed_precision or 'float32'}, "
+        f"{FLAGS.keras_fit_augmentation} augmentation"
+    )
+
+
 def record_rows(results: dict) -> list[tuple[str, str]]:
     """Returns the `what` and `result` cells of one row per measurement."""
     rows = []
     if "pretrain" in results:
         description, text = _throughput_row(
-            "our train step", results["pretrain"], results["mfu"]
+            "our train step",
+            _our_variant(),
+            results["pretrain"],
+            results["mfu"],
         )
         speedup = results["speedup_vs_keras_fit"]
         if speedup is not None:
@@ -286,10 +339,12 @@ def record_rows(results: dict) -> list[tuple[str, str]]:
     if "keras_fit" in results:
         rows.append(
             _throughput_row(
-                "keras.io model.fit", results["keras_fit"],
+                "keras.io model.fit",
+                _keras_fit_variant(),
+                results["keras_fit"],
                 results["keras_fit_mfu"],
             )
-        )  # fmt: skip
+        )
     for dtype, row in results.get("matmul", {}).items():
         rows.append(
             (

@@ -53,6 +53,7 @@ class ThroughputSettings:
     augment: str = "keras_example"
     loss: str = "npairs"
     mixed_precision: str | None = None
+    fused_batchnorm: bool = True
     jit_compile: bool = False
     strategy: str = "default"
     cpu_replicas: int = 1
@@ -172,15 +173,21 @@ def count_forward_flops(model: keras.Model, input_shape: tuple) -> int:
 
 
 def training_flops_per_example(
-    encoder: keras.Model, head: keras.Model, num_views: int
+    encoder: keras.Model,
+    head: keras.Model,
+    num_views: int,
+    image_shape: tuple | None = None,
 ) -> int:
     """Estimates train-step FLOPs per example: 3 forward passes per view.
 
     Forward plus backward is taken as 3 forward passes (the backward pass
     computes gradients of inputs and of weights). The loss and the
-    augmentation are not counted.
+    augmentation are not counted. `image_shape` is the encoder's input
+    shape per example; by default the encoder's declared one.
     """
-    forward = count_forward_flops(encoder, encoder.input_shape[1:])
+    if image_shape is None:
+        image_shape = encoder.input_shape[1:]
+    forward = count_forward_flops(encoder, image_shape)
     forward += count_forward_flops(head, head.input_shape[1:])
     return 3 * forward * num_views
 
@@ -223,6 +230,7 @@ def _build_encoder(settings: ThroughputSettings, split: ArraySplit):
         image_shape=(size, size, 3),
         channel_mean=mean,
         channel_std=std,
+        fused_batchnorm=settings.fused_batchnorm,
     )
 
 

@@ -13,25 +13,25 @@ similarities by the temperature 0.05 and applies TensorFlow Addons'
 images with raw pixel values (0 to 255).
 
 This module rebuilds that pipeline with Keras 3.15 and without
-TensorFlow Addons. It differs from the example in four ways:
+TensorFlow Addons. It differs from the example in three ways:
 
-- Keras 3.15 no longer exports RandomWidth and RandomHeight. They are
-  replaced by `RandomZoom(height_factor=0.2, width_factor=0.2)`, which
-  rescales the content along each axis independently by up to 20% and
-  keeps the image size. RandomWidth and RandomHeight changed the image
-  size, so every batch had a different shape. Keeping the size gives the
-  encoder the same FLOPs per example as our pipeline, whose
-  `keras_example` augmentation makes the same choice.
+- Keras 3.15 no longer has RandomWidth and RandomHeight.
+  `RandomAxisResize` ports them: one random size per batch along one
+  axis, so every batch reaches the encoder at a different shape. The
+  `fixed_shape` augmentation replaces both with
+  `RandomZoom(height_factor=0.2, width_factor=0.2)`, which rescales the
+  content by up to 20% along each axis and keeps the image size; that
+  isolates the cost of the changing shapes.
 - The loss is `losses.NPairsLoss`, our reimplementation of the N-pairs
   objective on normalised features.
-- The encoder comes from `models.build_encoder` (for `resnet50v2`, the
-  same `keras.applications.ResNet50V2` with `weights=None` and average
-  pooling) with an identity standardisation, because the Normalization
-  layer has already standardised the pixels. Both sides then train the
-  same encoder.
 - The data are `benchmarks.synthetic_split`, passed to `fit` as a
   shuffled, repeating `tf.data.Dataset` of full global batches, where the
   example passes the CIFAR-10 arrays.
+
+The encoder is `models.build_encoder` with Keras's own batch norm (for
+`resnet50v2`, the example's `keras.applications.ResNet50V2` with
+`weights=None` and average pooling) and an identity standardisation,
+because the Normalization layer has already standardised the pixels.
 
 `jit_compile` is passed to `compile` explicitly. Keras 3.15's default
 ("auto") enables XLA only on a machine with an accelerator and without a
@@ -46,6 +46,8 @@ import tensorflow as tf
 
 from supcon_tf import benchmarks, distribute, losses, models, precision
 from supcon_tf.benchmarks import ThroughputSettings
+
+AUGMENTATIONS = ("example", "fixed_shape")
 
 
 class EpochEndTimer(keras.callbacks.Callback):
@@ -72,40 +74,104 @@ class EpochEndTimer(keras.callbacks.Callback):
         self.epoch_ends.append(self._last_batch_end)
 
 
-def build_augmentation(images) -> keras.Sequential:
+class RandomAxisResize(keras.layers.Layer):
+    """Resizes a batch along one axis by a random factor: Keras 2's
+    RandomWidth (`axis=2`) and RandomHeight (`axis=1`).
+
+    In training, each call draws one scale from `[1 - factor, 1 + factor)`
+    and bilinearly resizes the whole batch to `int(scale * size)` pixels
+    along `axis`, so the size along that axis changes from batch to
+    batch. Outside training the images pass through unchanged.
+    """
+
+    def __init__(self, factor: float, axis: int, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if axis not in (1, 2):
+            raise ValueError(f"axis={axis} must be 1 (height) or 2 (width).")
+        self.factor = factor
+        self.axis = axis
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        scale = keras.random.uniform(
+            (),
+            minval=1.0 - self.factor,
+            maxval=1.0 + self.factor,
+            seed=self.seed_generator,
+        )
+        shape = tf.shape(images)
+        size = [shape[1], shape[2]]
+        old_size = tf.cast(shape[self.axis], tf.float32)
+        size[self.axis - 1] = tf.cast(scale * old_size, tf.int32)
+        resized = tf.image.resize(images, tf.stack(size), "bilinear")
+        return tf.cast(resized, images.dtype)
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        shape[self.axis] = None
+        return tuple(shape)
+
+
+def build_augmentation(
+    images, augmentation: str = "example", seed: int | None = None
+) -> keras.Sequential:
     """Builds the example's augmentation block, adapted to `images`.
 
     Args:
       images: float32 `[num_examples, height, width, 3]` pixel values, 0
         to 255, for the Normalization layer's mean and variance.
+      augmentation: `example` resizes each batch to a random shape, as the
+        example does; `fixed_shape` zooms instead and keeps the shape.
+      seed: Seed of the random resizing.
     """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"augmentation={augmentation!r}; choose one of "
+            f"{', '.join(AUGMENTATIONS)}."
+        )
+    if augmentation == "example":
+        resize = [
+            RandomAxisResize(0.2, axis=2, seed=seed, name="random_width"),
+            RandomAxisResize(0.2, axis=1, seed=seed, name="random_height"),
+        ]
+    else:
+        resize = [keras.layers.RandomZoom(height_factor=0.2, width_factor=0.2)]
     normalization = keras.layers.Normalization()
-    augmentation = keras.Sequential(
+    block = keras.Sequential(
         [
             normalization,
             keras.layers.RandomFlip("horizontal"),
             keras.layers.RandomRotation(0.02),
-            keras.layers.RandomZoom(height_factor=0.2, width_factor=0.2),
+            *resize,
         ],
         name="data_augmentation",
     )
     normalization.adapt(images)
-    return augmentation
+    return block
 
 
-def build_example_model(settings: ThroughputSettings, images):
+def build_example_model(
+    settings: ThroughputSettings, images, augmentation: str = "example"
+):
     """Builds augmentation, encoder and projection head as one model.
 
     Returns:
       `(model, encoder, head)`: the model maps pixel values
-      `[batch, height, width, 3]` to projections `[batch, 128]`.
+      `[batch, height, width, 3]` to projections `[batch, 128]`. Under
+      the `example` augmentation the encoder takes any image size.
     """
     size = settings.image_size
+    encoder_shape = (size, size, 3)
+    if augmentation == "example":
+        encoder_shape = (None, None, 3)
     encoder = models.build_encoder(
         settings.encoder,
-        image_shape=(size, size, 3),
+        image_shape=encoder_shape,
         channel_mean=(0.0, 0.0, 0.0),
         channel_std=(1.0, 1.0, 1.0),
+        fused_batchnorm=False,
     )
     head = models.build_projection_head(
         "keras_example",
@@ -113,8 +179,8 @@ def build_example_model(settings: ThroughputSettings, images):
         output_dim=benchmarks.EXAMPLE_PROJECTION_DIM,
     )
     inputs = keras.Input((size, size, 3), name="pixels")
-    augmented = build_augmentation(images)(inputs)
-    model = keras.Model(inputs, head(encoder(augmented)), name="supcon_fit")
+    block = build_augmentation(images, augmentation, seed=settings.seed)
+    model = keras.Model(inputs, head(encoder(block(inputs))), name="supcon_fit")
     return model, encoder, head
 
 
@@ -127,14 +193,18 @@ def make_example_dataset(split, global_batch_size: int, seed: int):
     return dataset.repeat().prefetch(tf.data.AUTOTUNE)
 
 
-def keras_fit_throughput(settings: ThroughputSettings) -> dict[str, Any]:
+def keras_fit_throughput(
+    settings: ThroughputSettings, augmentation: str = "example"
+) -> dict[str, Any]:
     """Measures the example's `model.fit` pipeline on `synthetic_split`.
 
     One `fit` call runs `1 + repeats` epochs of `steps` steps each. The
     first epoch (tracing included) is the warm-up. Each later epoch is one
     timed repeat, from the end of the previous epoch's last batch to the
     end of its own. The loss is always the example's N-pairs loss with one
-    view, whatever `settings.loss` is. Run it through
+    view, whatever `settings.loss` is, and the batch norm is always
+    Keras's. FLOPs per example are counted at `settings.image_size`
+    under either augmentation. Run it through
     `benchmarks.run_isolated` so that the strategy and policy start fresh.
     """
     strategy = distribute.make_strategy(
@@ -144,7 +214,7 @@ def keras_fit_throughput(settings: ThroughputSettings) -> dict[str, Any]:
     split = benchmarks.synthetic_split(settings)
     with strategy.scope():
         model, encoder, head = build_example_model(
-            settings, split.images.astype("float32")
+            settings, split.images.astype("float32"), augmentation
         )
         model.compile(
             optimizer=keras.optimizers.Adam(benchmarks.EXAMPLE_LEARNING_RATE),
@@ -161,6 +231,7 @@ def keras_fit_throughput(settings: ThroughputSettings) -> dict[str, Any]:
         verbose=0,
     )
     ends = timer.epoch_ends
+    size = settings.image_size
     seconds = [ends[i] - ends[i - 1] for i in range(1, len(ends))]
     examples = settings.steps * settings.global_batch_size
     return {
@@ -168,8 +239,9 @@ def keras_fit_throughput(settings: ThroughputSettings) -> dict[str, Any]:
         "steps": settings.steps,
         "warmup_seconds": ends[0] - timer.train_begin,
         "num_views": 1,
+        "augmentation": augmentation,
         "flops_per_example": benchmarks.training_flops_per_example(
-            encoder, head, 1
+            encoder, head, 1, image_shape=(size, size, 3)
         ),
         "peak_rss_bytes": benchmarks.peak_rss_bytes(),
     }

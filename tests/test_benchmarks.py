@@ -12,9 +12,10 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
-from supcon_tf import benchmarks
+from supcon_tf import benchmarks, keras_fit_baseline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILE = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
@@ -129,11 +130,23 @@ def test_record_appends_one_row_per_measurement(small_run):
         assert len(cells) == 5, row
         assert cells[2].startswith("`python -m experiments.benchmark ")
     measured = [row.split(" | ")[3] for row in added]
-    assert measured[0].startswith("our train step: small_cnn, batch 16")
-    assert measured[1].startswith("keras.io model.fit: small_cnn, batch 16")
+    assert measured[0] == (
+        "our train step: small_cnn, batch 16, 1 view(s), float32, "
+        "keras_example augmentation, fused batch norm"
+    )
+    assert measured[1] == (
+        "keras.io model.fit: small_cnn, batch 16, 1 view(s), float32, "
+        "example augmentation"
+    )
     assert measured[2] == "matmul 256x256 float32"
     assert measured[3] == "matmul 256x256 bfloat16"
     assert measured[4] == "probe epoch, 1024 examples"
+
+
+def test_keras_fit_runs_the_example_augmentation(small_run):
+    results, _, _ = small_run
+    assert results["keras_fit"]["augmentation"] == "example"
+    assert results["settings"]["fused_batchnorm"] is True
 
 
 def test_unknown_section_exits_2():
@@ -167,6 +180,79 @@ def test_training_flops_are_three_forwards_per_view():
     assert benchmarks.training_flops_per_example(encoder, head, 2) == (
         6 * forward
     )
+
+
+def test_training_flops_at_a_given_image_shape():
+    # An encoder that takes any image size counts FLOPs at the shape given.
+    encoder = keras.Sequential(
+        [
+            keras.Input((None, None, 1)),
+            keras.layers.Conv2D(1, 1, use_bias=False),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
+    head = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    small = benchmarks.training_flops_per_example(
+        encoder, head, 1, image_shape=(2, 2, 1)
+    )
+    large = benchmarks.training_flops_per_example(
+        encoder, head, 1, image_shape=(4, 4, 1)
+    )
+    # Per pixel: a 1x1 convolution (2) and a pooling add (1); head 3.
+    assert small == 3 * (4 * 3 + 3)
+    assert large == 3 * (16 * 3 + 3)
+
+
+def _axis_sizes(layer, images, calls):
+    return [tuple(layer(images, training=True).shape) for _ in range(calls)]
+
+
+def test_random_axis_resize_draws_one_size_per_batch():
+    images = np.full((5, 32, 32, 3), 7.0, "float32")
+    width = keras_fit_baseline.RandomAxisResize(0.2, axis=2, seed=1)
+    shapes = _axis_sizes(width, images, 40)
+    widths = {shape[2] for shape in shapes}
+    # int(scale * 32) for a scale in [0.8, 1.2): 25 to 38 pixels.
+    assert min(widths) >= 25
+    assert max(widths) <= 38
+    assert len(widths) > 5
+    assert {shape[:2] + shape[3:] for shape in shapes} == {(5, 32, 3)}
+    height = keras_fit_baseline.RandomAxisResize(0.2, axis=1, seed=1)
+    resized = height(images, training=True)
+    assert resized.shape[2] == 32
+    assert 25 <= resized.shape[1] <= 38
+    # Bilinear resizing keeps a constant image constant.
+    np.testing.assert_allclose(resized, 7.0, rtol=1e-6)
+    # Outside training the batch passes through.
+    assert height(images, training=False).shape == images.shape
+    # The same seed repeats the sizes.
+    again = keras_fit_baseline.RandomAxisResize(0.2, axis=2, seed=1)
+    assert _axis_sizes(again, images, 40) == shapes
+
+
+def test_keras_fit_augmentation_shapes():
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3))
+    images = images.astype("float32")
+    example = keras_fit_baseline.build_augmentation(images, "example", 0)
+    fixed = keras_fit_baseline.build_augmentation(images, "fixed_shape", 0)
+    names = [layer.__class__.__name__ for layer in example.layers]
+    assert names == [
+        "Normalization",
+        "RandomFlip",
+        "RandomRotation",
+        "RandomAxisResize",
+        "RandomAxisResize",
+    ]
+    assert fixed.layers[-1].__class__.__name__ == "RandomZoom"
+    shapes = {example(images, training=True).shape[1:3] for _ in range(20)}
+    assert len(shapes) > 1
+    assert fixed(images, training=True).shape == images.shape
+    # The Normalization layer was adapted to these images.
+    standardized = example(images, training=False).numpy()
+    np.testing.assert_allclose(standardized.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(standardized.std(axis=(0, 1, 2)), 1, atol=1e-3)
+    with pytest.raises(ValueError, match="choose one of example, fixed"):
+        keras_fit_baseline.build_augmentation(images, "shear")
 
 
 def test_summarize_seconds_median_and_spread():

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from supcon_tf import models
 from supcon_tf.errors import UsageError
@@ -125,3 +126,163 @@ def test_classifier_heads():
 def test_unknown_names_list_choices(builder, kwargs):
     with pytest.raises(UsageError, match="choose one of"):
         builder("resnet1000", **kwargs)
+
+
+def _twin_batch_norms(shape, *, fused_dtype=None, **kwargs):
+    """A Keras batch norm and a fused one with the same random weights."""
+    rng = np.random.default_rng(3)
+    keras_norm = keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-3, **kwargs
+    )
+    fused_norm = models.FusedBatchNormalization(
+        momentum=0.9, epsilon=1e-3, dtype=fused_dtype, **kwargs
+    )
+    gamma = rng.normal(size=shape[-1:]).astype("float32")
+    beta = rng.normal(size=shape[-1:]).astype("float32")
+    for layer in (keras_norm, fused_norm):
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    return keras_norm, fused_norm
+
+
+def _train_call(layer, images):
+    """Output and gradients of a nonlinear loss for one training call."""
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        outputs = layer(images, training=True)
+        loss = tf.reduce_sum(outputs * tf.sin(outputs))
+    grads = tape.gradient(loss, [images, layer.gamma, layer.beta])
+    return [outputs.numpy()] + [g.numpy() for g in grads]
+
+
+def test_fused_batchnorm_trains_like_keras():
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(2.0, 3.0, (8, 5, 5, 6)), tf.float32)
+    keras_norm, fused_norm = _twin_batch_norms(images.shape)
+    for _ in range(2):
+        expected = _train_call(keras_norm, images)
+        actual = _train_call(fused_norm, images)
+        for name, want, got in zip(
+            ["outputs", "d/dx", "d/dgamma", "d/dbeta"],
+            expected,
+            actual,
+            strict=True,
+        ):
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(
+                got, want, atol=1e-5 * scale, err_msg=name
+            )
+    np.testing.assert_allclose(
+        fused_norm.moving_variance.numpy(),
+        keras_norm.moving_variance.numpy(),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        fused_norm.moving_mean.numpy(),
+        keras_norm.moving_mean.numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        fused_norm(images, training=False),
+        keras_norm(images, training=False),
+        atol=1e-5,
+    )
+
+
+def test_fused_batchnorm_one_value_per_channel():
+    images = tf.fill((1, 1, 1, 4), 2.0)
+    keras_norm, fused_norm = _twin_batch_norms(images.shape)
+    keras_norm(images, training=True)
+    fused_norm(images, training=True)
+    # The batch variance is 0: the moving variance decays 1 -> 0.9.
+    np.testing.assert_allclose(fused_norm.moving_variance.numpy(), 0.9)
+    np.testing.assert_allclose(keras_norm.moving_variance.numpy(), 0.9)
+    np.testing.assert_allclose(fused_norm.moving_mean.numpy(), 0.2)
+
+
+def test_fused_batchnorm_reads_bfloat16_directly():
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.normal(size=(16, 4, 4, 8)), tf.float32)
+    keras_norm, fused_norm = _twin_batch_norms(
+        images.shape, fused_dtype="mixed_bfloat16"
+    )
+    outputs = fused_norm(tf.cast(images, tf.bfloat16), training=True)
+    expected = keras_norm(images, training=True)
+    assert outputs.dtype == tf.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: about 2 significant digits.
+    np.testing.assert_allclose(
+        tf.cast(outputs, tf.float32), expected, atol=0.05
+    )
+
+
+def _fused_ops(layer, training, strategy=None):
+    """Counts FusedBatchNormV3 ops in a traced training or inference call."""
+    strategy = strategy or tf.distribute.get_strategy()
+
+    @tf.function
+    def call(images):
+        return strategy.run(lambda x: layer(x, training=training), (images,))
+
+    graph = call.get_concrete_function(
+        tf.TensorSpec((4, 3, 3, 2), tf.float32)
+    ).graph
+    return sum(op.type == "FusedBatchNormV3" for op in graph.get_operations())
+
+
+def test_fused_batchnorm_fallback_paths(mirrored):
+    plain = models.FusedBatchNormalization()
+    assert _fused_ops(plain, training=True) == 1
+    assert _fused_ops(plain, training=False) == 0
+    renorm = models.FusedBatchNormalization(renorm=True)
+    assert _fused_ops(renorm, training=True) == 0
+    # Synchronized statistics: fused with one replica, Keras's with two.
+    synced = models.FusedBatchNormalization(synchronized=True)
+    assert _fused_ops(synced, training=True) == 1
+    strategy = mirrored(2)
+    with strategy.scope():
+        synced_two = models.FusedBatchNormalization(synchronized=True)
+        synced_two.build((4, 3, 3, 2))
+    assert _fused_ops(synced_two, training=True, strategy=strategy) == 0
+
+
+@pytest.mark.parametrize("name", ["resnet50v2", "resnet18_cifar", "small_cnn"])
+def test_fused_batchnorm_reaches_every_layer(name):
+    def norms(encoder):
+        return [
+            layer
+            for layer in _all_layers(encoder)
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+
+    fused = norms(_encoder(name))
+    plain = norms(_encoder(name, fused_batchnorm=False))
+    assert len(fused) == len(plain) > 0
+    assert all(isinstance(n, models.FusedBatchNormalization) for n in fused)
+    assert not any(isinstance(n, models.FusedBatchNormalization) for n in plain)
+    # The fused layer keeps each layer's settings, e.g. ResNet50V2's.
+    for a, b in zip(fused, plain, strict=True):
+        assert (a.name, a.epsilon, a.momentum) == (
+            b.name,
+            b.epsilon,
+            b.momentum,
+        )
+
+
+def test_fused_encoder_takes_the_same_sgd_step():
+    # ResNet-18 at batch 6 is too ill-conditioned for this: a relative
+    # input change of 1e-6 moves some of its gradients by 7%.
+    fused = _encoder("small_cnn")
+    plain = _encoder("small_cnn", fused_batchnorm=False)
+    plain.set_weights(fused.get_weights())
+    images = np.random.default_rng(2).random((6, *IMAGE_SHAPE), "float32")
+    for encoder in (fused, plain):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(encoder(images, training=True)))
+        grads = tape.gradient(loss, encoder.trainable_variables)
+        for variable, grad in zip(
+            encoder.trainable_variables, grads, strict=True
+        ):
+            variable.assign_sub(0.01 * grad)
+    for got, want in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
