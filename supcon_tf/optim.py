@@ -18,7 +18,6 @@ carries, as in `torch.optim.SGD` (PyTorch 2.0 documentation).
 """
 
 import dataclasses
-import math
 import re
 
 import keras
@@ -26,7 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from supcon_tf import schedules
-from supcon_tf.config import OPTIMIZERS, OptimizerConfig
+from supcon_tf.config import OptimizerConfig, validate_optimizer
 from supcon_tf.errors import UsageError
 
 # The settings `make_optimizer` reads are exactly an `OptimizerConfig`.
@@ -255,44 +254,12 @@ def _check_lars_values(momentum, weight_decay, trust_coefficient, epsilon):
         raise UsageError(f"--lars_epsilon={epsilon} is invalid; use 0 or more.")
 
 
-def _check_non_negative(value: float, flag: str, example: str) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(
-            f"{flag}={value} is invalid; use 0 (off) or a positive value "
-            f"such as {example}."
-        )
-
-
 def validate_settings(settings: OptimizerSettings) -> None:
-    """Raises `UsageError` for a setting that `make_optimizer` rejects."""
-    if settings.optimizer not in OPTIMIZERS:
-        raise UsageError(
-            f"Unknown optimizer {settings.optimizer!r}; choose one of "
-            f"{', '.join(OPTIMIZERS)}."
-        )
-    if not math.isfinite(settings.learning_rate) or settings.learning_rate <= 0:
-        raise UsageError(
-            f"learning rate {settings.learning_rate} is invalid; use a "
-            "positive value such as 1e-3."
-        )
-    if not 0.0 <= settings.momentum < 1.0:
-        raise UsageError(
-            f"--momentum={settings.momentum} is invalid; use a value in "
-            "[0, 1), such as 0.9."
-        )
-    if settings.nesterov and settings.optimizer == "adam":
-        raise UsageError(
-            "--nesterov applies to --optimizer=sgd or lars only; remove it "
-            "or change the optimizer."
-        )
-    if settings.schedule not in schedules.SCHEDULES:
-        raise UsageError(
-            f"--schedule={settings.schedule!r} is invalid; choose one of "
-            f"{', '.join(schedules.SCHEDULES)}."
-        )
-    _check_non_negative(settings.weight_decay, "--weight_decay", "1e-4")
-    _check_non_negative(settings.warmup_epochs, "--warmup_epochs", "10")
-    _check_non_negative(settings.clip_global_norm, "--clip_global_norm", "1.0")
+    """Raises `UsageError` for a setting that `make_optimizer` rejects.
+
+    The messages name the command-line flags that set each field.
+    """
+    validate_optimizer(settings)
     if settings.optimizer == "lars":
         _check_lars_values(
             settings.momentum,

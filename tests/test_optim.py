@@ -12,7 +12,7 @@ import tensorflow as tf
 from absl import flags
 
 from supcon_tf import optim, schedules
-from supcon_tf.config import OptimizerConfig
+from supcon_tf.config import OPTIMIZERS, OptimizerConfig
 from supcon_tf.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,8 +511,8 @@ def test_make_optimizer_reads_current_config():
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"optimizer": "rmsprop"}, "Unknown optimizer 'rmsprop'"),
-        ({"learning_rate": -1.0}, "learning rate -1.0 is invalid"),
+        ({"optimizer": "rmsprop"}, "--optimizer='rmsprop' is invalid"),
+        ({"learning_rate": -1.0}, "--learning_rate=-1.0 is invalid"),
         ({"weight_decay": -1e-4}, "--weight_decay=-0.0001 is invalid"),
         ({"schedule": "step"}, "--schedule='step' is invalid"),
         ({"nesterov": True}, "--nesterov applies to"),
@@ -563,7 +563,7 @@ def _parse_preset(name):
     ):
         flags.DEFINE_string(flag, None, "", flag_values=values)
     flags.DEFINE_enum(
-        "optimizer", "adam", list(optim.OPTIMIZERS), "", flag_values=values
+        "optimizer", "adam", list(OPTIMIZERS), "", flag_values=values
     )
     for flag in (
         "global_batch_size",
