@@ -236,8 +236,11 @@ def run_pretraining(
     pretrain_stats = run_phase(phase)
     if pretrain_stats.examples_per_second:
         logging.info(
-            "pretrain: %.1f examples/s after the first call.",
+            "pretrain: %.1f examples/s %s.",
             pretrain_stats.examples_per_second,
+            "including tracing (one tf.function call ran every step)"
+            if pretrain_stats.rate_includes_tracing
+            else "after the first call",
         )
 
     started = time.perf_counter()
