@@ -1,7 +1,6 @@
 """Benchmark harness: measured speed, MFU and memory, with the machine.
 
-    python -m experiments.benchmark \
-        --sections=pretrain,keras_fit,matmul,probe,loss --quick
+    python -m experiments.benchmark --quick --mixed_precision=bfloat16
 
 Sections, all measured in one run on one machine:
 
@@ -14,8 +13,9 @@ Sections, all measured in one run on one machine:
 - loss: forward and backward time and peak memory of `supcon_loss`.
 
 pretrain, keras_fit and probe each run in a fresh process. The last line
-printed is one JSON object with every number, the machine and the command.
-`--record` appends one row per measurement to `--record_file`.
+printed to stdout is one JSON object with every number, the machine and
+the command. `--record` then appends one row per measurement to
+`--record_file`.
 """
 
 import dataclasses
@@ -28,8 +28,15 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from supcon_tf import benchmarks, keras_fit_baseline, models, precision
+from supcon_tf import (
+    benchmarks,
+    keras_fit_baseline,
+    loss_benchmarks,
+    models,
+    precision,
+)
 from supcon_tf.data import augment
+from supcon_tf.errors import UsageError
 
 FLAGS = flags.FLAGS
 
@@ -67,6 +74,12 @@ flags.DEFINE_bool(
     True,
     "Train our encoder's batch norm with the fused kernel.",
 )
+flags.DEFINE_bool(
+    "float32_filter_grad",
+    True,
+    "Compute our encoder's convolution filter gradients in float32 under "
+    "--mixed_precision=bfloat16 on a machine without GPUs or TPUs.",
+)
 flags.DEFINE_enum(
     "keras_fit_mixed_precision",
     None,
@@ -81,7 +94,11 @@ flags.DEFINE_enum(
     "Augmentation of the model.fit pipeline: example resizes every batch "
     "to a random shape as the example does; fixed_shape zooms instead.",
 )
-flags.DEFINE_bool("jit_compile", False, "Compile both train steps with XLA.")
+flags.DEFINE_bool(
+    "jit_compile",
+    False,
+    "Compile our train step and the model.fit step with XLA.",
+)
 flags.DEFINE_enum(
     "strategy", "default", ["default", "mirrored"], "Distribution strategy."
 )
@@ -93,7 +110,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("steps", 20, "Timed train steps per repeat.")
 flags.DEFINE_integer(
-    "repeats", 5, "Timed repeats (probe: epochs) after the warm-up."
+    "repeats",
+    5,
+    "Timed repeats after the warm-up (probe: epochs; matmul: at least 3).",
 )
 flags.DEFINE_integer(
     "matmul_size", 0, "Matmul side; 0 picks 4096 on CPU, 8192 on a GPU."
@@ -109,6 +128,13 @@ flags.DEFINE_bool(
     False,
     "Unless set explicitly: --steps=2, --repeats=2, and the loss section "
     "at 2048 rows only.",
+)
+flags.DEFINE_string(
+    "profile_dir",
+    None,
+    "Profiles one more timed repeat of our train step into this directory "
+    "(TensorBoard's Profile tab reads it) and prints the op types that "
+    "took the most time.",
 )
 flags.DEFINE_bool("record", False, "Append the results to --record_file.")
 flags.DEFINE_string(
@@ -141,10 +167,12 @@ def throughput_settings() -> benchmarks.ThroughputSettings:
         loss=FLAGS.loss,
         mixed_precision=FLAGS.mixed_precision,
         fused_batchnorm=FLAGS.fused_batchnorm,
+        float32_filter_grad=FLAGS.float32_filter_grad,
         jit_compile=FLAGS.jit_compile,
         strategy=FLAGS.strategy,
         cpu_replicas=FLAGS.cpu_replicas,
         steps_per_loop=FLAGS.steps_per_loop,
+        profile_dir=FLAGS.profile_dir,
         steps=_quick_or_flag("steps", QUICK_STEPS),
         repeats=_quick_or_flag("repeats", QUICK_REPEATS),
     )
@@ -162,9 +190,41 @@ def _print_throughput(name: str, result: dict) -> None:
     )
 
 
+PROFILE_TOP_OPS = 8
+
+
+def _profile_shares(per_step: dict) -> str:
+    """Formats the largest op types as `type N ms (P%)`, comma-separated."""
+    total = sum(per_step.values())
+    top = list(per_step.items())[:PROFILE_TOP_OPS]
+    return ", ".join(
+        f"{op_type} {seconds * 1e3:.0f} ms ({100 * seconds / total:.0f}%)"
+        for op_type, seconds in top
+    )
+
+
+def _print_profile(profile: dict) -> None:
+    per_step = profile["op_seconds_per_step"]
+    if per_step is None:
+        print(
+            f"profile: trace written to {profile['dir']}; this TensorFlow "
+            "build cannot read it back, so open it in TensorBoard's Profile "
+            "tab (pip install tensorboard-plugin-profile)."
+        )
+        return
+    total = sum(per_step.values())
+    print(
+        f"profile: {total * 1e3:.0f} ms of op time per step over "
+        f"{profile['steps']} steps, trace in {profile['dir']}; top op "
+        f"types: {_profile_shares(per_step)}"
+    )
+
+
 def run_pretrain_section(settings) -> dict:
     result = benchmarks.run_isolated(benchmarks.pretrain_throughput, settings)
     _print_throughput("pretrain (our loop)", result)
+    if result["profile"]:
+        _print_profile(result["profile"])
     return result
 
 
@@ -217,12 +277,16 @@ def run_probe_section(settings) -> dict:
 
 
 def run_loss_section() -> list:
-    rows_list = [2048] if FLAGS.quick else [int(r) for r in FLAGS.loss_rows]
-    repeats = 3 if FLAGS.quick else FLAGS.repeats
+    rows_list = [int(rows) for rows in FLAGS.loss_rows]
+    if FLAGS.quick and not FLAGS["loss_rows"].present:
+        rows_list = [2048]
+    repeats = _quick_or_flag("repeats", 3)
     results = []
     for rows in rows_list:
-        timing = benchmarks.time_loss(rows, FLAGS.loss_dim, repeats=repeats)
-        memory = benchmarks.loss_peak_memory(rows, FLAGS.loss_dim)
+        timing = loss_benchmarks.time_loss(
+            rows, FLAGS.loss_dim, repeats=repeats
+        )
+        memory = loss_benchmarks.loss_peak_memory(rows, FLAGS.loss_dim)
         results.append({**timing, **memory})
         print(
             f"loss rows={rows} dim={FLAGS.loss_dim}: forward+backward "
@@ -236,6 +300,33 @@ def run_loss_section() -> list:
     return results
 
 
+def _our_dtype() -> str:
+    return FLAGS.mixed_precision or "float32"
+
+
+def _keras_fit_dtype() -> str:
+    return FLAGS.keras_fit_mixed_precision or "float32"
+
+
+def _mfu_text(mfu: float | None, dtype: str) -> str:
+    if mfu is None:
+        return "MFU n/a (no matmul section)"
+    return f"MFU {100 * mfu:.1f}% of the {dtype} matmul peak"
+
+
+def _print_summary(results: dict) -> None:
+    """Prints the speedup and each side's MFU, when both were measured."""
+    if results["speedup_vs_keras_fit"] is not None:
+        print(f"our step / model.fit: {results['speedup_vs_keras_fit']:.2f}x")
+    if results["mfu"] is not None:
+        print(f"our step: {_mfu_text(results['mfu'], _our_dtype())}")
+    if results["keras_fit_mfu"] is not None:
+        print(
+            "model.fit: "
+            f"{_mfu_text(results['keras_fit_mfu'], _keras_fit_dtype())}"
+        )
+
+
 def add_summary(results: dict) -> None:
     """Adds the headline numbers: examples/s, speedup and MFU.
 
@@ -246,12 +337,16 @@ def add_summary(results: dict) -> None:
     ours = results.get("pretrain") or {}
     theirs = results.get("keras_fit") or {}
     matmul = results.get("matmul") or {}
-    peak = matmul.get(FLAGS.mixed_precision or "float32")
+    peak = matmul.get(_our_dtype())
+    fit_peak = matmul.get(_keras_fit_dtype())
     summary = {
         "examples_per_second": ours.get("examples_per_second"),
         "keras_fit_examples_per_second": theirs.get("examples_per_second"),
         "speedup_vs_keras_fit": None,
         "matmul_peak_gflops_per_second": peak and peak["gflops_per_second"],
+        "keras_fit_matmul_peak_gflops_per_second": (
+            fit_peak and fit_peak["gflops_per_second"]
+        ),
         "mfu": None,
         "keras_fit_mfu": None,
     }
@@ -259,11 +354,10 @@ def add_summary(results: dict) -> None:
         summary["speedup_vs_keras_fit"] = (
             ours["examples_per_second"] / theirs["examples_per_second"]
         )
-    for key, result, dtype in (
-        ("mfu", ours, FLAGS.mixed_precision),
-        ("keras_fit_mfu", theirs, FLAGS.keras_fit_mixed_precision),
+    for key, result, side_peak in (
+        ("mfu", ours, peak),
+        ("keras_fit_mfu", theirs, fit_peak),
     ):
-        side_peak = matmul.get(dtype or "float32")
         if result and side_peak:
             summary[key] = (
                 result["flops_per_example"]
@@ -291,35 +385,33 @@ def _machine() -> str:
 
 
 def _throughput_row(
-    name: str, variant: str, result: dict, mfu: float | None
+    name: str, variant: str, result: dict, mfu_text: str
 ) -> tuple:
     description = (
         f"{name}: {FLAGS.encoder}, batch {FLAGS.global_batch_size}, "
         f"{result['num_views']} view(s), {variant}"
     )
-    mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
     return description, (
         f"median {result['examples_per_second']:.1f} examples/s (min "
         f"{result['min_examples_per_second']:.1f}, max "
         f"{result['max_examples_per_second']:.1f}; {result['repeats']} x "
-        f"{result['steps']} steps); MFU {mfu_text}; peak RSS "
+        f"{result['steps']} steps); {mfu_text}; peak RSS "
         f"{result['peak_rss_bytes'] / 2**20:.0f} MiB"
     )
 
 
 def _our_variant() -> str:
     batch_norm = "fused" if FLAGS.fused_batchnorm else "Keras"
-    return (
-        f"{FLAGS.mixed_precision or 'float32'}, {FLAGS.augment} "
-        f"augmentation, {batch_norm} batch norm"
+    variant = (
+        f"{_our_dtype()}, {FLAGS.augment} augmentation, {batch_norm} batch norm"
     )
+    if FLAGS.mixed_precision == "bfloat16" and FLAGS.float32_filter_grad:
+        variant += ", float32 filter gradients"
+    return variant
 
 
 def _keras_fit_variant() -> str:
-    return (
-        f"{FLAGS.keras_fit_mixed_precision or 'float32'}, "
-        f"{FLAGS.keras_fit_augmentation} augmentation"
-    )
+    return f"{_keras_fit_dtype()}, {FLAGS.keras_fit_augmentation} augmentation"
 
 
 def record_rows(results: dict) -> list[tuple[str, str]]:
@@ -330,19 +422,27 @@ def record_rows(results: dict) -> list[tuple[str, str]]:
             "our train step",
             _our_variant(),
             results["pretrain"],
-            results["mfu"],
+            _mfu_text(results["mfu"], _our_dtype()),
         )
         speedup = results["speedup_vs_keras_fit"]
         if speedup is not None:
             text += f"; {speedup:.2f}x keras_fit"
         rows.append((description, text))
+    profile = results.get("pretrain", {}).get("profile")
+    if profile and profile["op_seconds_per_step"]:
+        rows.append(
+            (
+                "our train step, op time per step by type",
+                _profile_shares(profile["op_seconds_per_step"]),
+            )
+        )
     if "keras_fit" in results:
         rows.append(
             _throughput_row(
                 "keras.io model.fit",
                 _keras_fit_variant(),
                 results["keras_fit"],
-                results["keras_fit_mfu"],
+                _mfu_text(results["keras_fit_mfu"], _keras_fit_dtype()),
             )
         )
     for dtype, row in results.get("matmul", {}).items():
@@ -386,37 +486,80 @@ def record(results: dict, path: str) -> None:
     ]
     with open(path, "a") as stream:
         stream.write("\n".join(lines) + "\n")
-    print(f"Appended {len(lines)} row(s) to {path}.")
+    sys.stderr.write(f"Appended {len(lines)} row(s) to {path}.\n")
 
 
 def _check_flags() -> str | None:
     """Returns an error message for an invalid flag combination, or None."""
+    if not FLAGS.sections:
+        return f"--sections is empty; choose from {', '.join(SECTIONS)}."
     unknown = set(FLAGS.sections) - set(SECTIONS)
     if unknown:
         return (
             f"unknown --sections {', '.join(sorted(unknown))}; choose from "
             f"{', '.join(SECTIONS)}."
         )
+    for name in (
+        "steps",
+        "repeats",
+        "steps_per_loop",
+        "global_batch_size",
+        "cpu_replicas",
+        "image_size",
+        "loss_dim",
+    ):
+        if FLAGS[name].value < 1:
+            return f"--{name}={FLAGS[name].value} is invalid; use 1 or more."
+    if FLAGS.encoder == "resnet50v2" and FLAGS.image_size < 32:
+        return (
+            f"--image_size={FLAGS.image_size} is too small for resnet50v2, "
+            "which needs 32 or more."
+        )
+    if FLAGS.matmul_size < 0:
+        return (
+            f"--matmul_size={FLAGS.matmul_size} is invalid; use 0 (pick by "
+            "device) or a positive size."
+        )
+    for rows in FLAGS.loss_rows:
+        if not rows.isdigit() or int(rows) < 2 or int(rows) % 2:
+            return (
+                f"--loss_rows entry {rows!r} is invalid; use even row counts "
+                "(batch size x 2 views), such as 2048,8192."
+            )
     if FLAGS.cpu_replicas != 1 and FLAGS.strategy != "mirrored":
         return "--cpu_replicas applies to --strategy=mirrored only."
     if FLAGS.global_batch_size % FLAGS.cpu_replicas:
+        divisible = FLAGS.global_batch_size
+        divisible -= divisible % FLAGS.cpu_replicas
         return (
             f"--global_batch_size={FLAGS.global_batch_size} must be "
-            f"divisible by --cpu_replicas={FLAGS.cpu_replicas}."
+            f"divisible by --cpu_replicas={FLAGS.cpu_replicas}; use a "
+            f"multiple such as --global_batch_size="
+            f"{max(divisible, FLAGS.cpu_replicas)}."
         )
-    for name in ("steps", "repeats", "steps_per_loop", "global_batch_size"):
-        if FLAGS[name].value < 1:
-            return f"--{name}={FLAGS[name].value} is invalid; use 1 or more."
+    if FLAGS.record:
+        return _check_record_file(FLAGS.record_file)
     return None
 
 
-def main(argv) -> None:
-    del argv
-    error = _check_flags()
-    if error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
-    settings = throughput_settings()
+def _check_record_file(path: str) -> str | None:
+    """Checks before measuring that --record can append to `path`."""
+    if os.path.exists(path):
+        if os.path.isfile(path) and os.access(path, os.W_OK):
+            return None
+        return f"--record_file={path} is not a writable file."
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and os.access(folder, os.W_OK):
+        return None
+    return (
+        f"--record_file={path} cannot be created: {folder} is missing or "
+        "not writable. Pass an existing file or a path in a writable "
+        "folder."
+    )
+
+
+def run_sections(settings) -> dict:
+    """Runs the selected sections; returns their results and the summary."""
     results = {
         "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
@@ -435,9 +578,25 @@ def main(argv) -> None:
     if "loss" in sections:
         results["loss"] = run_loss_section()
     add_summary(results)
+    return results
+
+
+def main(argv) -> None:
+    del argv
+    error = _check_flags()
+    if error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    try:
+        results = run_sections(throughput_settings())
+    except UsageError as usage_error:
+        sys.stderr.write(f"error: {usage_error}\n")
+        sys.exit(2)
+    _print_summary(results)
+    # The numbers reach stdout before the record file is touched.
+    print(json.dumps(results, sort_keys=True), flush=True)
     if FLAGS.record:
         record(results, FLAGS.record_file)
-    print(json.dumps(results, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measurements for the benchmark harness: our train step, probe and loss.
+"""Measurements for the benchmark harness: our train step and the probe.
 
 Throughput is the median over repeats of `steps` timed train steps, after
 warm-up calls that trace the step and run it once. Each throughput
@@ -9,7 +9,7 @@ host memory is the operating system's peak resident set size of that
 process (`peak_rss_bytes`), TensorFlow's runtime included.
 
 `keras_fit_baseline` measures the keras.io example's `model.fit` pipeline
-with the same settings and helpers.
+with the same settings and helpers, and `loss_benchmarks` the loss.
 """
 
 import dataclasses
@@ -27,10 +27,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import distribute, evaluation, losses, models, optim, precision
+from supcon_tf import (
+    distribute,
+    evaluation,
+    models,
+    optim,
+    precision,
+    profiling,
+)
 from supcon_tf.config import LossConfig, OptimizerConfig
 from supcon_tf.data import pipeline
 from supcon_tf.data.sources import ArraySplit, channel_stats
+from supcon_tf.errors import UsageError
 from supcon_tf.training import steps
 
 # The keras.io example's settings: temperature, projection and Adam rate.
@@ -54,6 +62,7 @@ class ThroughputSettings:
     loss: str = "npairs"
     mixed_precision: str | None = None
     fused_batchnorm: bool = True
+    float32_filter_grad: bool = True
     jit_compile: bool = False
     strategy: str = "default"
     cpu_replicas: int = 1
@@ -61,6 +70,7 @@ class ThroughputSettings:
     steps: int = 10
     repeats: int = 3
     seed: int = 0
+    profile_dir: str | None = None
 
     @property
     def num_views(self) -> int:
@@ -115,6 +125,8 @@ def peak_rss_bytes() -> int:
 def _isolated_child(function, args, queue) -> None:
     try:
         queue.put(("ok", function(*args)))
+    except UsageError as error:  # A bad setting: the parent re-raises it.
+        queue.put(("usage", str(error)))
     except BaseException:  # Sent to the parent, which raises it.
         queue.put(("error", traceback.format_exc()))
 
@@ -127,6 +139,7 @@ def run_isolated(function: Callable, *args) -> Any:
     touch this process.
 
     Raises:
+      UsageError: if `function` raised one, with its message.
       RuntimeError: with the child's traceback if `function` raised, or
         if the child exited without a result (killed, out of memory).
     """
@@ -148,6 +161,8 @@ def run_isolated(function: Callable, *args) -> Any:
                     "above."
                 ) from None
     process.join()
+    if status == "usage":
+        raise UsageError(value)
     if status != "ok":
         raise RuntimeError(f"{function.__name__} failed:\n{value}")
     return value
@@ -231,6 +246,7 @@ def _build_encoder(settings: ThroughputSettings, split: ArraySplit):
         channel_mean=mean,
         channel_std=std,
         fused_batchnorm=settings.fused_batchnorm,
+        float32_filter_grad=settings.float32_filter_grad,
     )
 
 
@@ -252,6 +268,33 @@ def _timed_loop(train_loop, iterator, settings, steps_per_call, num_calls):
             call()
         seconds.append(time.perf_counter() - started)
     return warmup_seconds, seconds
+
+
+def _profile_repeat(train_loop, iterator, settings, steps_per_call, num_calls):
+    """Profiles one more timed repeat; returns op seconds per step by type.
+
+    `op_seconds_per_step` is None where the trace cannot be read back; the
+    trace in `dir` is written either way.
+    """
+    with profiling.trace(settings.profile_dir):
+        for _ in range(num_calls):
+            metrics = train_loop(
+                iterator, tf.constant(steps_per_call, tf.int32)
+            )
+            float(metrics["loss"])
+    steps_profiled = num_calls * steps_per_call
+    op_seconds = profiling.op_seconds_by_type(settings.profile_dir)
+    per_step = None
+    if op_seconds is not None:
+        per_step = {
+            op_type: seconds / steps_profiled
+            for op_type, seconds in op_seconds.items()
+        }
+    return {
+        "dir": settings.profile_dir,
+        "steps": steps_profiled,
+        "op_seconds_per_step": per_step,
+    }
 
 
 def pretrain_throughput(settings: ThroughputSettings) -> dict[str, Any]:
@@ -295,7 +338,9 @@ def pretrain_throughput(settings: ThroughputSettings) -> dict[str, Any]:
     )
     steps_per_call = min(settings.steps_per_loop, settings.steps)
     num_calls = math.ceil(settings.steps / steps_per_call)
-    total_steps = (2 + settings.repeats * num_calls) * steps_per_call
+    # Warm-up, the timed repeats and, with a profile, one more repeat.
+    calls = 2 + (settings.repeats + bool(settings.profile_dir)) * num_calls
+    total_steps = calls * steps_per_call
     steps_per_epoch = pipeline.steps_per_epoch(
         len(split.labels), settings.global_batch_size
     )
@@ -312,9 +357,15 @@ def pretrain_throughput(settings: ThroughputSettings) -> dict[str, Any]:
     warmup_seconds, seconds = _timed_loop(
         train_loop, iterator, settings, steps_per_call, num_calls
     )
+    profile = None
+    if settings.profile_dir:
+        profile = _profile_repeat(
+            train_loop, iterator, settings, steps_per_call, num_calls
+        )
     examples = num_calls * steps_per_call * settings.global_batch_size
     return {
         **summarize_seconds(seconds, examples),
+        "profile": profile,
         "steps": num_calls * steps_per_call,
         "warmup_seconds": warmup_seconds,
         "num_views": settings.num_views,
@@ -415,88 +466,4 @@ def probe_epoch_seconds(settings: ThroughputSettings) -> dict[str, Any]:
         "recomputed_over_cached": recomputed_median / cached_median,
         "epochs_timed": epochs,
         "peak_rss_bytes": peak_rss_bytes(),
-    }
-
-
-def _loss_step(rows: int, dim: int, num_views: int, temperature: float):
-    """Builds a traced forward-and-backward pass of `supcon_loss`."""
-    batch_size = rows // num_views
-    rng = np.random.default_rng(0)
-    features = tf.constant(
-        rng.normal(size=(batch_size, num_views, dim)).astype("float32")
-    )
-    labels = tf.constant(rng.integers(0, 100, batch_size))
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            tape.watch(features)
-            loss = tf.reduce_mean(
-                losses.supcon_loss(features, labels, temperature=temperature)
-            )
-        return loss, tape.gradient(loss, features)
-
-    return step
-
-
-def time_loss(
-    rows: int,
-    dim: int = 128,
-    *,
-    num_views: int = 2,
-    temperature: float = 0.1,
-    repeats: int = 5,
-) -> dict[str, Any]:
-    """Times one forward and backward pass of the loss on `rows` rows."""
-    step = _loss_step(rows, dim, num_views, temperature)
-    step()  # Trace and warm up.
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        loss, gradient = step()
-        gradient.numpy()
-        seconds.append(time.perf_counter() - started)
-    return {
-        "rows": rows,
-        "dim": dim,
-        "median_seconds": statistics.median(seconds),
-        "min_seconds": min(seconds),
-        "max_seconds": max(seconds),
-        "repeats": repeats,
-        "loss": float(loss),
-    }
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as stream:
-        pages = int(stream.read().split()[1])
-    return pages * resource.getpagesize()
-
-
-def _added_loss_memory(rows, dim, num_views, temperature) -> int:
-    step = _loss_step(rows, dim, num_views, temperature)
-    concrete = step.get_concrete_function()  # Trace before measuring.
-    before = _resident_bytes()
-    concrete()[1].numpy()
-    return peak_rss_bytes() - before
-
-
-def loss_peak_memory(
-    rows: int, dim: int = 128, *, num_views: int = 2, temperature: float = 0.1
-) -> dict[str, Any]:
-    """Measures the host memory one forward and backward pass adds.
-
-    Returns:
-      The added bytes, and the same figure in units of one
-      `[rows, rows]` float32 buffer.
-
-    NOTE: Linux only (it reads /proc/self/statm).
-    """
-    added = run_isolated(_added_loss_memory, rows, dim, num_views, temperature)
-    buffer_bytes = rows * rows * 4
-    return {
-        "rows": rows,
-        "dim": dim,
-        "peak_added_bytes": added,
-        "rows_by_rows_float32_buffers": added / buffer_bytes,
     }

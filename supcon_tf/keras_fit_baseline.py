@@ -28,7 +28,8 @@ TensorFlow Addons. It differs from the example in three ways:
   shuffled, repeating `tf.data.Dataset` of full global batches, where the
   example passes the CIFAR-10 arrays.
 
-The encoder is `models.build_encoder` with Keras's own batch norm (for
+The encoder is `models.build_encoder` with Keras's own batch norm and
+convolutions (for
 `resnet50v2`, the example's `keras.applications.ResNet50V2` with
 `weights=None` and average pooling) and an identity standardisation,
 because the Normalization layer has already standardised the pixels.
@@ -132,9 +133,13 @@ def build_augmentation(
             f"{', '.join(AUGMENTATIONS)}."
         )
     if augmentation == "example":
+        # Two seeds, so that width and height draw independent scales.
+        height_seed = None if seed is None else seed + 1
         resize = [
             RandomAxisResize(0.2, axis=2, seed=seed, name="random_width"),
-            RandomAxisResize(0.2, axis=1, seed=seed, name="random_height"),
+            RandomAxisResize(
+                0.2, axis=1, seed=height_seed, name="random_height"
+            ),
         ]
     else:
         resize = [keras.layers.RandomZoom(height_factor=0.2, width_factor=0.2)]
@@ -172,6 +177,7 @@ def build_example_model(
         channel_mean=(0.0, 0.0, 0.0),
         channel_std=(1.0, 1.0, 1.0),
         fused_batchnorm=False,
+        float32_filter_grad=False,
     )
     head = models.build_projection_head(
         "keras_example",

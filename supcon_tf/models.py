@@ -6,12 +6,13 @@ pixels with per-channel statistics that are stored as non-trainable weights,
 so a checkpoint restores them with the rest of the encoder.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from supcon_tf import layers
 from supcon_tf.errors import UsageError
 
 ENCODERS = ("resnet50v2", "resnet18_cifar", "small_cnn")
@@ -52,103 +53,56 @@ class Standardize(keras.layers.Layer):
         return (images - mean) / std
 
 
-@keras.saving.register_keras_serializable(package="supcon_tf")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """Batch normalization whose training step is one fused TensorFlow op.
+@dataclasses.dataclass(frozen=True)
+class _LayerKinds:
+    """The batch-norm and convolution classes that an encoder body builds."""
 
-    Keras 3 normalises a training batch with separate ops for the mean,
-    the variance and the affine transform, in float32 even when the layer
-    computes in bfloat16 or float16, and differentiates through all of
-    them. `FusedBatchNormV3` does the forward pass in one kernel and the
-    backward pass in another, and reads 16-bit inputs directly.
-    docs/benchmarks.md records the gain (`--nofused_batchnorm` in
-    `experiments.benchmark` measures the step without it).
+    synchronized: bool
+    fused_batchnorm: bool
+    float32_filter_grad: bool
 
-    Weights, outputs and moving-average updates are those of
-    `keras.layers.BatchNormalization` (the moving variance takes the
-    biased batch variance, as in Keras). Inference, masks, renorm, an
-    axis other than the last and inputs of rank other than 4 take the
-    Keras path. So do synchronized statistics when more than one replica
-    is in sync, because the fused kernel normalises with its own
-    replica's batch only.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if not self._fuses(inputs, training, mask):
-            return super().call(inputs, training=training, mask=mask)
-        channels = inputs.shape[-1]
-        gamma = self.gamma if self.scale else tf.ones([channels])
-        beta = self.beta if self.center else tf.zeros([channels])
-        empty = tf.constant([], tf.float32)
-
-        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs,
-            scale=tf.cast(gamma, tf.float32),
-            offset=tf.cast(beta, tf.float32),
-            mean=empty,
-            variance=empty,
-            epsilon=self.epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
+    def norm(self, name: str) -> keras.layers.BatchNormalization:
+        """Builds a batch norm with the CIFAR bodies' momentum and epsilon."""
+        return self._norm_class()(
+            momentum=0.9,
+            epsilon=1e-5,
+            synchronized=self.synchronized,
+            name=name,
         )
 
-        # The kernel returns the unbiased variance; Keras keeps the
-        # biased one. A single value per channel has variance 0, where
-        # the kernel's correction divides by zero.
-        count = tf.size(inputs, out_type=tf.int64) // channels
-        count = tf.cast(count, tf.float32)
-        variance = tf.where(count > 1.0, variance * (count - 1.0) / count, 0.0)
+    def conv(self, filters: int, kernel_size: int, **kwargs):
+        return self._conv_class()(filters, kernel_size, **kwargs)
 
-        self.moving_mean.assign(
-            self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
-        )
-        self.moving_variance.assign(
-            self.moving_variance * self.momentum
-            + variance * (1.0 - self.momentum)
-        )
-        return tf.cast(outputs, self.compute_dtype)
+    def replace(self, layer: keras.layers.Layer) -> keras.layers.Layer:
+        """Rebuilds `layer` from its config as the chosen class."""
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = self.synchronized
+            return self._norm_class().from_config(config)
+        if type(layer) is keras.layers.Conv2D:
+            return self._conv_class().from_config(config)
+        return layer.__class__.from_config(config)
 
-    def _fuses(self, inputs, training, mask) -> bool:
-        if not (training and self.trainable) or mask is not None:
-            return False
-        if self.renorm or len(inputs.shape) != 4:
-            return False
-        if self.axis not in (-1, 3) or inputs.shape[-1] is None:
-            return False
-        if self.synchronized:
-            context = tf.distribute.get_replica_context()
-            if context is None or context.num_replicas_in_sync > 1:
-                return False
-        return inputs.dtype in (tf.float32, tf.bfloat16, tf.float16)
+    def _norm_class(self):
+        if self.fused_batchnorm:
+            return layers.FusedBatchNormalization
+        return keras.layers.BatchNormalization
+
+    def _conv_class(self):
+        if self.float32_filter_grad:
+            return layers.Float32FilterGradConv2D
+        return keras.layers.Conv2D
 
 
-NormFactory = Callable[[str], keras.layers.BatchNormalization]
-
-
-def _batch_norm_factory(synchronized: bool, fused: bool) -> NormFactory:
-    """Returns `name -> batch-norm layer` for the CIFAR-sized bodies."""
-    layer_class = (
-        FusedBatchNormalization if fused else keras.layers.BatchNormalization
-    )
-
-    def make(name: str) -> keras.layers.BatchNormalization:
-        return layer_class(
-            momentum=0.9, epsilon=1e-5, synchronized=synchronized, name=name
-        )
-
-    return make
-
-
-def _basic_block(x, filters: int, stride: int, norm: NormFactory, name: str):
+def _basic_block(x, filters: int, stride: int, kinds: _LayerKinds, name):
     """Two 3x3 convolutions with an identity or 1x1 projection shortcut."""
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
-        shortcut = keras.layers.Conv2D(
+        shortcut = kinds.conv(
             filters, 1, strides=stride, use_bias=False, name=name + "_proj"
         )(x)
-        shortcut = norm(name + "_proj_bn")(shortcut)
-    x = keras.layers.Conv2D(
+        shortcut = kinds.norm(name + "_proj_bn")(shortcut)
+    x = kinds.conv(
         filters,
         3,
         strides=stride,
@@ -156,22 +110,19 @@ def _basic_block(x, filters: int, stride: int, norm: NormFactory, name: str):
         use_bias=False,
         name=name + "_conv1",
     )(x)
-    x = norm(name + "_bn1")(x)
+    x = kinds.norm(name + "_bn1")(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(
+    x = kinds.conv(
         filters, 3, padding="same", use_bias=False, name=name + "_conv2"
     )(x)
-    x = norm(name + "_bn2")(x)
+    x = kinds.norm(name + "_bn2")(x)
     return keras.layers.ReLU()(keras.layers.Add()([x, shortcut]))
 
 
-def _resnet18_cifar(x, synchronized: bool, fused: bool):
+def _resnet18_cifar(x, kinds: _LayerKinds):
     """ResNet-18 for 32x32 inputs: 3x3 stem, stride 1, no max-pool."""
-    norm = _batch_norm_factory(synchronized, fused)
-    x = keras.layers.Conv2D(
-        64, 3, padding="same", use_bias=False, name="stem_conv"
-    )(x)
-    x = keras.layers.ReLU()(norm("stem_bn")(x))
+    x = kinds.conv(64, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = keras.layers.ReLU()(kinds.norm("stem_bn")(x))
     for stage, filters in enumerate((64, 128, 256, 512)):
         for block in range(2):
             stride = 2 if stage > 0 and block == 0 else 1
@@ -179,28 +130,25 @@ def _resnet18_cifar(x, synchronized: bool, fused: bool):
                 x,
                 filters,
                 stride,
-                norm,
+                kinds,
                 f"stage{stage + 1}_block{block + 1}",
             )
     return keras.layers.GlobalAveragePooling2D()(x)
 
 
-def _small_cnn(x, synchronized: bool, fused: bool):
+def _small_cnn(x, kinds: _LayerKinds):
     """Builds a two-convolution network for tests and smoke runs (32-d)."""
-    norm = _batch_norm_factory(synchronized, fused)
     # No conv biases: the batch norm that follows would cancel them.
-    x = keras.layers.Conv2D(
-        16, 3, padding="same", use_bias=False, name="conv1"
-    )(x)
-    x = keras.layers.ReLU()(norm("bn1")(x))
-    x = keras.layers.Conv2D(
+    x = kinds.conv(16, 3, padding="same", use_bias=False, name="conv1")(x)
+    x = keras.layers.ReLU()(kinds.norm("bn1")(x))
+    x = kinds.conv(
         32, 3, strides=2, padding="same", use_bias=False, name="conv2"
     )(x)
-    x = keras.layers.ReLU()(norm("bn2")(x))
+    x = keras.layers.ReLU()(kinds.norm("bn2")(x))
     return keras.layers.GlobalAveragePooling2D()(x)
 
 
-def _resnet50v2(x, synchronized: bool, fused: bool):
+def _resnet50v2(x, kinds: _LayerKinds):
     """keras.applications ResNet50V2, random init, global average pooling."""
     backbone = keras.applications.ResNet50V2(
         include_top=False,
@@ -208,22 +156,9 @@ def _resnet50v2(x, synchronized: bool, fused: bool):
         input_shape=tuple(x.shape[1:]),
         pooling="avg",
     )
-    if synchronized or fused:
-        layer_class = (
-            FusedBatchNormalization
-            if fused
-            else keras.layers.BatchNormalization
-        )
-
-        def replace_batch_norm(layer):
-            config = layer.get_config()
-            if not isinstance(layer, keras.layers.BatchNormalization):
-                return layer.__class__.from_config(config)
-            config["synchronized"] = synchronized
-            return layer_class.from_config(config)
-
+    if kinds != _LayerKinds(False, False, False):
         backbone = keras.models.clone_model(
-            backbone, clone_function=replace_batch_norm
+            backbone, clone_function=kinds.replace
         )
     return backbone(x)
 
@@ -243,6 +178,7 @@ def build_encoder(
     channel_std: Sequence[float],
     sync_batchnorm: bool = False,
     fused_batchnorm: bool = True,
+    float32_filter_grad: bool = True,
 ) -> keras.Model:
     """Builds an encoder from images in [0, 1] to pooled embeddings.
 
@@ -253,8 +189,13 @@ def build_encoder(
       channel_std: Per-channel standard deviation, same units.
       sync_batchnorm: Computes batch-norm statistics over the global batch
         of all replicas instead of each replica's share.
-      fused_batchnorm: Uses `FusedBatchNormalization`, which trains with
-        one fused kernel where it can; False keeps Keras's layer.
+      fused_batchnorm: Uses `layers.FusedBatchNormalization`, which
+        trains with one fused kernel where it can; False keeps Keras's
+        layer.
+      float32_filter_grad: Uses `layers.Float32FilterGradConv2D`, which
+        computes convolution filter gradients in float32 under a bfloat16
+        policy on a machine without GPUs or TPUs; False keeps Keras's
+        Conv2D.
 
     Returns:
       A `keras.Model` from `[batch, height, width, channels]` float images to
@@ -267,7 +208,8 @@ def build_encoder(
         )
     inputs = keras.Input(shape=image_shape, name="images")
     x = Standardize(channel_mean, channel_std, name="standardize")(inputs)
-    outputs = _ENCODER_BODIES[name](x, sync_batchnorm, fused_batchnorm)
+    kinds = _LayerKinds(sync_batchnorm, fused_batchnorm, float32_filter_grad)
+    outputs = _ENCODER_BODIES[name](x, kinds)
     return keras.Model(inputs, outputs, name=f"encoder_{name}")
 
 

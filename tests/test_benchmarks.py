@@ -7,6 +7,7 @@ the harness computes from its measurements and how it reports them.
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from supcon_tf import benchmarks, keras_fit_baseline
+from supcon_tf import benchmarks, config, keras_fit_baseline, loss_benchmarks
+from supcon_tf.errors import UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FILE = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
@@ -51,10 +53,14 @@ def small_run(tmp_path_factory):
       line and the record file's lines before and after the run.
     """
     record_file = tmp_path_factory.mktemp("record") / "benchmarks.md"
+    profile_dir = tmp_path_factory.mktemp("profile")
     shutil.copyfile(RECORD_FILE, record_file)
     before = record_file.read_text().splitlines()
     completed = _run_harness(
-        *SMALL_RUN_FLAGS, "--record", f"--record_file={record_file}"
+        *SMALL_RUN_FLAGS,
+        "--record",
+        f"--record_file={record_file}",
+        f"--profile_dir={profile_dir}",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     last_line = completed.stdout.strip().splitlines()[-1]
@@ -119,8 +125,8 @@ def test_record_appends_one_row_per_measurement(small_run):
     _, before, after = small_run
     assert after[: len(before)] == before
     added = after[len(before) :]
-    # pretrain, keras_fit, matmul float32 and bfloat16, probe.
-    assert len(added) == 5
+    # pretrain, its profile, keras_fit, matmul float32 and bfloat16, probe.
+    assert len(added) == 6
     header_cells = [c.strip() for c in before[-1].strip("|").split("|")]
     assert len(header_cells) == 5
     for row in added:
@@ -134,13 +140,29 @@ def test_record_appends_one_row_per_measurement(small_run):
         "our train step: small_cnn, batch 16, 1 view(s), float32, "
         "keras_example augmentation, fused batch norm"
     )
-    assert measured[1] == (
+    assert measured[1] == "our train step, op time per step by type"
+    assert measured[2] == (
         "keras.io model.fit: small_cnn, batch 16, 1 view(s), float32, "
         "example augmentation"
     )
-    assert measured[2] == "matmul 256x256 float32"
-    assert measured[3] == "matmul 256x256 bfloat16"
-    assert measured[4] == "probe epoch, 1024 examples"
+    assert measured[3] == "matmul 256x256 float32"
+    assert measured[4] == "matmul 256x256 bfloat16"
+    assert measured[5] == "probe epoch, 1024 examples"
+    assert "Conv2D" in added[1]
+
+
+def test_harness_profiles_our_step(small_run):
+    results, _, _ = small_run
+    profile = results["pretrain"]["profile"]
+    assert profile["steps"] == 2
+    per_step = profile["op_seconds_per_step"]
+    # small_cnn's step runs convolutions forward and backward; a build
+    # may fuse a convolution with what follows it (FusedConv2D).
+    assert any(name.endswith("Conv2D") for name in per_step)
+    assert per_step["Conv2DBackpropFilter"] > 0
+    assert per_step["Conv2DBackpropInput"] > 0
+    traces = list(pathlib.Path(profile["dir"]).rglob("*.xplane.pb"))
+    assert len(traces) == 1
 
 
 def test_keras_fit_runs_the_example_augmentation(small_run):
@@ -156,6 +178,49 @@ def test_unknown_section_exits_2():
     assert "choose from pretrain, keras_fit, matmul, probe, loss" in (
         completed.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sections="], "--sections is empty; choose from pretrain"),
+        (
+            ["--strategy=mirrored", "--cpu_replicas=0"],
+            "--cpu_replicas=0 is invalid; use 1 or more.",
+        ),
+        (
+            ["--strategy=mirrored", "--cpu_replicas=2"],
+            "--global_batch_size=265 must be divisible by --cpu_replicas=2; "
+            "use a multiple such as --global_batch_size=264.",
+        ),
+        (
+            ["--sections=loss", "--loss_rows=abc"],
+            "--loss_rows entry 'abc' is invalid",
+        ),
+        (["--matmul_size=-5"], "--matmul_size=-5 is invalid"),
+        (["--image_size=16"], "--image_size=16 is too small for resnet50v2"),
+        (
+            ["--record", "--record_file=/nonexistent-folder/rows.md"],
+            "--record_file=/nonexistent-folder/rows.md cannot be created",
+        ),
+    ],
+)
+def test_invalid_flags_exit_2_before_measuring(flags, message):
+    completed = _run_harness(*flags)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert completed.stdout == ""
+
+
+def test_quick_keeps_explicit_loss_rows():
+    completed = _run_harness(
+        "--sections=loss", "--quick", "--loss_rows=64", "--loss_dim=8"
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert [row["rows"] for row in results["loss"]] == [64]
+    assert [row["repeats"] for row in results["loss"]] == [3]
 
 
 def test_forward_flops_match_hand_count():
@@ -246,6 +311,8 @@ def test_keras_fit_augmentation_shapes():
     assert fixed.layers[-1].__class__.__name__ == "RandomZoom"
     shapes = {example(images, training=True).shape[1:3] for _ in range(20)}
     assert len(shapes) > 1
+    # Width and height draw their scales independently.
+    assert any(height != width for height, width in shapes)
     assert fixed(images, training=True).shape == images.shape
     # The Normalization layer was adapted to these images.
     standardized = example(images, training=False).numpy()
@@ -279,16 +346,25 @@ def test_run_isolated_raises_child_error():
         benchmarks.run_isolated(math.sqrt, -1.0)
 
 
+def test_run_isolated_reraises_usage_error():
+    # A bad setting found in the child reaches the parent as UsageError,
+    # which the harness reports without a traceback.
+    with pytest.raises(UsageError, match="--optimizer='rmsprop' is invalid"):
+        benchmarks.run_isolated(
+            config.validate_optimizer, config.OptimizerConfig("rmsprop")
+        )
+
+
 def test_loss_memory_stays_rows_by_rows():
     # A [rows, rows, dim] tensor at dim 128 would alone be 128 buffers of
     # [rows, rows] float32; the loss must stay within a few.
-    measured = benchmarks.loss_peak_memory(1024, 128)
+    measured = loss_benchmarks.loss_peak_memory(1024, 128)
     assert measured["rows"] == 1024
     assert 0.5 < measured["rows_by_rows_float32_buffers"] < 16
 
 
 def test_time_loss_reports_repeats():
-    timing = benchmarks.time_loss(64, 16, repeats=2)
+    timing = loss_benchmarks.time_loss(64, 16, repeats=2)
     assert timing["repeats"] == 2
     assert timing["min_seconds"] <= timing["median_seconds"]
     assert timing["median_seconds"] <= timing["max_seconds"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import models
+from supcon_tf import layers, models
 from supcon_tf.errors import UsageError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -134,7 +134,7 @@ def _twin_batch_norms(shape, *, fused_dtype=None, **kwargs):
     keras_norm = keras.layers.BatchNormalization(
         momentum=0.9, epsilon=1e-3, **kwargs
     )
-    fused_norm = models.FusedBatchNormalization(
+    fused_norm = layers.FusedBatchNormalization(
         momentum=0.9, epsilon=1e-3, dtype=fused_dtype, **kwargs
     )
     gamma = rng.normal(size=shape[-1:]).astype("float32")
@@ -231,17 +231,17 @@ def _fused_ops(layer, training, strategy=None):
 
 
 def test_fused_batchnorm_fallback_paths(mirrored):
-    plain = models.FusedBatchNormalization()
+    plain = layers.FusedBatchNormalization()
     assert _fused_ops(plain, training=True) == 1
     assert _fused_ops(plain, training=False) == 0
-    renorm = models.FusedBatchNormalization(renorm=True)
+    renorm = layers.FusedBatchNormalization(renorm=True)
     assert _fused_ops(renorm, training=True) == 0
     # Synchronized statistics: fused with one replica, Keras's with two.
-    synced = models.FusedBatchNormalization(synchronized=True)
+    synced = layers.FusedBatchNormalization(synchronized=True)
     assert _fused_ops(synced, training=True) == 1
     strategy = mirrored(2)
     with strategy.scope():
-        synced_two = models.FusedBatchNormalization(synchronized=True)
+        synced_two = layers.FusedBatchNormalization(synchronized=True)
         synced_two.build((4, 3, 3, 2))
     assert _fused_ops(synced_two, training=True, strategy=strategy) == 0
 
@@ -258,8 +258,8 @@ def test_fused_batchnorm_reaches_every_layer(name):
     fused = norms(_encoder(name))
     plain = norms(_encoder(name, fused_batchnorm=False))
     assert len(fused) == len(plain) > 0
-    assert all(isinstance(n, models.FusedBatchNormalization) for n in fused)
-    assert not any(isinstance(n, models.FusedBatchNormalization) for n in plain)
+    assert all(isinstance(n, layers.FusedBatchNormalization) for n in fused)
+    assert not any(isinstance(n, layers.FusedBatchNormalization) for n in plain)
     # The fused layer keeps each layer's settings, e.g. ResNet50V2's.
     for a, b in zip(fused, plain, strict=True):
         assert (a.name, a.epsilon, a.momentum) == (
