@@ -131,7 +131,12 @@ def conv2d_float32_filter_grad(inputs, kernel, strides, padding, dilations):
 
 
 @functools.cache
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Returns whether TensorFlow sees a GPU or a TPU.
+
+    Either turns off the float32 filter gradients of
+    `Float32FilterGradConv2D`.
+    """
     return bool(
         tf.config.list_logical_devices("GPU")
         or tf.config.list_logical_devices("TPU")
@@ -167,6 +172,6 @@ class Float32FilterGradConv2D(keras.layers.Conv2D):
         )
 
     def _uses_float32_filter_grad(self, inputs) -> bool:
-        if inputs.dtype != tf.bfloat16 or _has_accelerator():
+        if inputs.dtype != tf.bfloat16 or has_accelerator():
             return False
         return self.data_format == "channels_last" and self.groups == 1

@@ -84,6 +84,8 @@ def test_harness_json_has_headline_numbers(small_run):
         results["examples_per_second"]
         / results["keras_fit_examples_per_second"]
     )
+    low, high = results["speedup_vs_keras_fit_range"]
+    assert low <= results["speedup_vs_keras_fit"] <= high
     assert results["machine"]
     assert results["command"].startswith("python -m experiments.benchmark")
     assert "--encoder=small_cnn" in results["command"]
@@ -198,6 +200,10 @@ def test_unknown_section_exits_2():
             "--loss_rows entry 'abc' is invalid",
         ),
         (["--matmul_size=-5"], "--matmul_size=-5 is invalid"),
+        (
+            ["--profile_dir=" + os.path.abspath(__file__)],
+            "is a file; pass a folder",
+        ),
         (["--image_size=16"], "--image_size=16 is too small for resnet50v2"),
         (
             ["--record", "--record_file=/nonexistent-folder/rows.md"],
