@@ -250,12 +250,17 @@ def _build_encoder(settings: ThroughputSettings, split: ArraySplit):
     )
 
 
+def _call_train_loop(train_loop, iterator, steps_per_call: int) -> None:
+    """Runs one train-loop call and waits for its steps to finish."""
+    metrics = train_loop(iterator, tf.constant(steps_per_call, tf.int32))
+    float(metrics["loss"])
+
+
 def _timed_loop(train_loop, iterator, settings, steps_per_call, num_calls):
     """Warms up `train_loop`, then times `repeats` runs of `num_calls`."""
 
     def call() -> None:
-        metrics = train_loop(iterator, tf.constant(steps_per_call, tf.int32))
-        float(metrics["loss"])  # Waits for the step to finish.
+        _call_train_loop(train_loop, iterator, steps_per_call)
 
     warmup_started = time.perf_counter()
     call()  # Traces.
@@ -278,10 +283,7 @@ def _profile_repeat(train_loop, iterator, settings, steps_per_call, num_calls):
     """
     with profiling.trace(settings.profile_dir):
         for _ in range(num_calls):
-            metrics = train_loop(
-                iterator, tf.constant(steps_per_call, tf.int32)
-            )
-            float(metrics["loss"])
+            _call_train_loop(train_loop, iterator, steps_per_call)
     steps_profiled = num_calls * steps_per_call
     op_seconds = profiling.op_seconds_by_type(settings.profile_dir)
     per_step = None

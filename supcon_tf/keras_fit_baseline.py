@@ -29,10 +29,10 @@ TensorFlow Addons. It differs from the example in three ways:
   example passes the CIFAR-10 arrays.
 
 The encoder is `models.build_encoder` with Keras's own batch norm and
-convolutions (for
-`resnet50v2`, the example's `keras.applications.ResNet50V2` with
-`weights=None` and average pooling) and an identity standardisation,
-because the Normalization layer has already standardised the pixels.
+convolutions and an identity standardisation, because the Normalization
+layer has already standardised the pixels. For `resnet50v2` that is the
+example's `keras.applications.ResNet50V2` with `weights=None` and average
+pooling.
 
 `jit_compile` is passed to `compile` explicitly. Keras 3.15's default
 ("auto") enables XLA only on a machine with an accelerator and without a
@@ -76,13 +76,14 @@ class EpochEndTimer(keras.callbacks.Callback):
 
 
 class RandomAxisResize(keras.layers.Layer):
-    """Resizes a batch along one axis by a random factor: Keras 2's
-    RandomWidth (`axis=2`) and RandomHeight (`axis=1`).
+    """Resizes a batch along one axis by one random factor per call.
 
-    In training, each call draws one scale from `[1 - factor, 1 + factor)`
-    and bilinearly resizes the whole batch to `int(scale * size)` pixels
-    along `axis`, so the size along that axis changes from batch to
-    batch. Outside training the images pass through unchanged.
+    This ports Keras 2's RandomWidth (`axis=2`) and RandomHeight
+    (`axis=1`). In training, each call draws one scale from
+    `[1 - factor, 1 + factor)` and bilinearly resizes the whole batch to
+    `int(scale * size)` pixels along `axis`, so the size along that axis
+    changes from batch to batch. Outside training the images pass
+    through unchanged.
     """
 
     def __init__(self, factor: float, axis: int, seed=None, **kwargs):

@@ -5,8 +5,6 @@ configuration and outputs of their Keras base classes, so checkpoints and
 exported models do not depend on which classes built an encoder.
 """
 
-import functools
-
 import keras
 import tensorflow as tf
 
@@ -130,12 +128,13 @@ def conv2d_float32_filter_grad(inputs, kernel, strides, padding, dilations):
     return convolve(inputs, kernel)
 
 
-@functools.cache
 def has_accelerator() -> bool:
-    """Returns whether TensorFlow sees a GPU or a TPU.
+    """Returns whether TensorFlow lists a GPU or a TPU device.
 
     Either turns off the float32 filter gradients of
-    `Float32FilterGradConv2D`.
+    `Float32FilterGradConv2D`. TPUs are listed only once the TPU system
+    is initialised, which creating a `TPUStrategy` does, so the result is
+    not cached.
     """
     return bool(
         tf.config.list_logical_devices("GPU")

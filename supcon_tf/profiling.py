@@ -2,7 +2,7 @@
 
 `trace` writes a profile that TensorBoard's Profile tab shows (with the
 `tensorboard-plugin-profile` package). `op_seconds_by_type` reads the
-trace back and sums the time of each op type, which tells whether a step
+trace back and sums the time of each op type, which shows whether a step
 is bound by its convolutions, its elementwise ops or something else.
 """
 
@@ -42,7 +42,7 @@ def op_seconds_by_type(logdir: str) -> dict[str, float] | None:
       build lacks the trace format's Python module.
 
     Raises:
-      FileNotFoundError: `logdir` holds no trace.
+      FileNotFoundError: `logdir` contains no trace.
     """
     try:
         from tensorflow.tsl.profiler.protobuf import xplane_pb2

@@ -158,7 +158,7 @@ def test_harness_profiles_our_step(small_run):
     profile = results["pretrain"]["profile"]
     assert profile["steps"] == 2
     per_step = profile["op_seconds_per_step"]
-    # small_cnn's step runs convolutions forward and backward; a build
+    # small_cnn's step runs convolutions forward and backward. A build
     # may fuse a convolution with what follows it (FusedConv2D).
     assert any(name.endswith("Conv2D") for name in per_step)
     assert per_step["Conv2DBackpropFilter"] > 0

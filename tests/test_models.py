@@ -210,7 +210,7 @@ def test_fused_batchnorm_reads_bfloat16_directly():
     outputs = fused_norm(tf.cast(images, tf.bfloat16), training=True)
     expected = keras_norm(images, training=True)
     assert outputs.dtype == tf.bfloat16
-    # bfloat16 keeps 8 bits of mantissa: about 2 significant digits.
+    # bfloat16 keeps 8 significant bits, about 2 decimal digits.
     np.testing.assert_allclose(
         tf.cast(outputs, tf.float32), expected, atol=0.05
     )
